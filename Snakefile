@@ -1,0 +1,20 @@
+# MaskDistill: unsupervised semantic segmentation by distilling object masks from a ViT.
+# Run `snakemake --cores all` for the embedded demo; see README.md for everything else.
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/mine.smk"
+include: "rules/cluster.smk"
+include: "rules/detect.smk"
+include: "rules/pseudo_labels.smk"
+include: "rules/segment.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

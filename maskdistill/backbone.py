@@ -1,0 +1,167 @@
+"""ViT backbones: timm construction, local checkpoints (DINO, timm, safetensors), q/k and CLS features."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger("maskdistill")
+
+_WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "module")
+_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def check_vit_name(name: str) -> None:
+    """Raise a ValueError naming close matches when ``name`` is not a timm model."""
+    base = name.split(".")[0]
+    if timm.is_model(name) or timm.is_model(base):
+        return
+    close = difflib.get_close_matches(base, timm.list_models("vit_*"), n=5)
+    raise ValueError(f"unknown timm model '{name}'" + (f"; did you mean {close}?" if close else ""))
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (.pth/.pt/.bin or .safetensors) and unwrap DINO/timm/Lightning layouts."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{p}: cannot read checkpoint ({err})") from err
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{p}: checkpoint holds no state dict")
+    out = {}
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+    """A timm ViT in eval mode, frozen, accepting any input size (``dynamic_img_size``).
+
+    Weights come from ``checkpoint`` when given (DINO ``.pth`` files included), else from the timm hub
+    name when ``pretrained``, else random initialisation.
+    """
+    check_vit_name(name)
+    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0,
+                              dynamic_img_size=True)
+    if not hasattr(model, "blocks") or not hasattr(model.blocks[-1].attn, "qkv"):
+        raise ValueError(f"timm model '{name}' is not a ViT with fused qkv attention")
+    if checkpoint:
+        state = load_state_dict_file(checkpoint)
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_"))}
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("head", "fc_norm"))]
+        if missing:
+            raise ValueError(f"{checkpoint}: does not fit '{name}'; missing keys {missing[:8]}")
+        if unexpected:
+            log.warning("%s: ignored %d unexpected keys, e.g. %s", checkpoint, len(unexpected),
+                        unexpected[:4])
+        log.info("loaded ViT weights from %s", checkpoint)
+    elif not pretrained:
+        log.warning("ViT '%s' is RANDOMLY INITIALISED (no pretrained weights, no checkpoint)", name)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def patch_size(model: nn.Module) -> int:
+    """The square patch size of a timm ViT."""
+    ps = model.patch_embed.patch_size
+    return int(ps[0] if isinstance(ps, tuple | list) else ps)
+
+
+@torch.inference_mode()
+def last_block_qk(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of the last block, each (B, heads, tokens, head_dim), prefix tokens first.
+
+    Stops after the last block's qkv projection: the rest of the network is not needed for mining.
+    """
+    tokens = model.patch_embed(x)
+    tokens = model._pos_embed(tokens)
+    tokens = model.patch_drop(tokens)
+    tokens = model.norm_pre(tokens)
+    for blk in model.blocks[:-1]:
+        tokens = blk(tokens)
+    last = model.blocks[-1]
+    attn = last.attn
+    b, n, _ = tokens.shape
+    qkv = attn.qkv(last.norm1(tokens)).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+@torch.inference_mode()
+def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final-norm CLS token (B, dim)."""
+    return model.forward_features(x)[:, 0]
+
+
+MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.")
+
+
+def resnet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """ResNet weights from a local file: torchvision keys, or MoCo v2 (``encoder_q.``) / v3
+    (``base_encoder.``) layouts whose other encoder, queue and heads are dropped; ``fc`` dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained backbone not found: {p}")
+    try:
+        state: Any = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{p}: cannot read backbone checkpoint ({err})") from err
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{p}: backbone checkpoint holds no state dict")
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    prefix = next((pre for pre in MOCO_PREFIXES if any(k.startswith(pre) for k in tensors)), None)
+    if prefix is not None:
+        log.info("%s: MoCo layout, using keys under '%s'", p, prefix)
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    else:
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return {k: v for k, v in tensors.items() if not k.startswith("fc.")}
+
+
+def load_resnet_weights(resnet: nn.Module, path: str | Path) -> None:
+    """Load :func:`resnet_state_dict` into ``resnet`` (a ResNet or its trunk); every trunk weight
+    must be present and fit, else a ValueError names the file."""
+    state = resnet_state_dict(path)
+    expected = {k for k in resnet.state_dict() if not k.startswith("fc.")}
+    missing = sorted(expected - set(state))
+    # FrozenBatchNorm2d has no num_batches_tracked buffer
+    unexpected = sorted(k for k in set(state) - expected if not k.endswith("num_batches_tracked"))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the ResNet backbone (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    try:
+        resnet.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the backbone ({err})") from err
+    log.info("loaded ResNet weights from %s (%d tensors)", path, len(state))

@@ -1,0 +1,146 @@
+"""Stage 1b: describe each mined mask by the CLS token of its box crop, then K-means them globally."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.cluster import MiniBatchKMeans
+
+from maskdistill.backbone import cls_features, create_vit
+from maskdistill.images import read_rgb, to_tensor
+from maskdistill.storage import (
+    CorruptFileError,
+    MinedMask,
+    atomic_path,
+    encode_rle,
+    read_mask_shard,
+    write_json,
+)
+
+log = logging.getLogger("maskdistill")
+
+
+def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
+    """The box [x0, y0, x1, y1] cut from ``rgb`` and resized to ``size`` x ``size`` (bicubic)."""
+    h, w = rgb.shape[:2]
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, w - 1)), int(np.clip(np.floor(box[1]), 0, h - 1))
+    x1, y1 = int(np.clip(np.ceil(box[2]), x0 + 1, w)), int(np.clip(np.ceil(box[3]), y0 + 1, h))
+    crop = Image.fromarray(rgb[y0:y1, x0:x1])
+    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+
+
+def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, cfg: dict[str, Any],
+                   device: torch.device) -> int:
+    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features)."""
+    bb = cfg["backbone"]
+    model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
+    items = read_mask_shard(mask_shard)
+    feats: list[np.ndarray] = []
+    start = time.perf_counter()
+    for lo in range(0, len(items), cfg["batch_size"]):
+        chunk = items[lo:lo + cfg["batch_size"]]
+        crops = [to_tensor(crop_box(read_rgb(images_root / it.file_name), it.box, cfg["crop_size"]))
+                 for it in chunk]
+        feats.append(cls_features(model, torch.stack(crops).to(device)).float().cpu().numpy())
+        log.info("described %d/%d masks (%.2f s)", lo + len(chunk), len(items),
+                 time.perf_counter() - start)
+    dim = int(model.num_features)
+    features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    with atomic_path(out_path, suffix=".tmp.h5") as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("keys", data=np.array([it.key for it in items], dtype=object),
+                          dtype=h5py.string_dtype())
+        h5.create_dataset("features", data=features)
+        h5.attrs["backbone"] = bb["name"]
+        h5.attrs["complete"] = True
+    return len(items)
+
+
+def read_features(path: Path) -> tuple[list[str], np.ndarray]:
+    """Keys and features of a feature shard, refusing incomplete files."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if not h5.attrs.get("complete"):
+                raise CorruptFileError(f"{path}: incomplete feature shard; delete it and rerun")
+            keys = [k.decode() if isinstance(k, bytes) else k for k in h5["keys"][:]]
+            return keys, h5["features"][:]
+    except OSError as err:
+        raise CorruptFileError(f"{path}: unreadable feature shard ({err})") from err
+
+
+def whiten(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Per-dimension standardisation, then L2 normalisation of each row."""
+    z = (features - mean) / np.maximum(std, 1e-6)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def fit_kmeans(features: np.ndarray, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Whitening statistics and MiniBatchKMeans centroids fitted on ``features``."""
+    k = cfg["num_clusters"] * cfg["overclustering"]
+    if len(features) < k:
+        raise ValueError(f"config key 'clustering.num_clusters': {k} clusters requested but only "
+                         f"{len(features)} masks were mined")
+    mean, std = features.mean(0), features.std(0)
+    km = MiniBatchKMeans(n_clusters=k, batch_size=cfg["kmeans_batch_size"], n_init=cfg["n_init"],
+                         random_state=cfg["seed"])
+    km.fit(whiten(features, mean, std))
+    return {"mean": mean, "std": std, "centroids": km.cluster_centers_.astype(np.float32)}
+
+
+def assign_clusters(features: np.ndarray, model: dict[str, np.ndarray]) -> np.ndarray:
+    """Nearest centroid (squared Euclidean on whitened features) for each row."""
+    z = whiten(features, model["mean"], model["std"])
+    d = ((z[:, None, :] - model["centroids"][None]) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def coco_from_masks(items: list[MinedMask], clusters: np.ndarray, num_clusters: int,
+                    image_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """COCO instances dict: one annotation per mined mask, category = cluster id + 1."""
+    images, anns = [], []
+    for idx, (it, c) in enumerate(zip(items, clusters, strict=True)):
+        image_id = image_ids.get(it.key, idx) if image_ids else idx
+        images.append({"id": image_id, "file_name": it.file_name, "height": it.height,
+                       "width": it.width, "key": it.key})
+        if not it.mask.any():
+            continue
+        x0, y0, x1, y1 = it.box
+        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c) + 1,
+                     "segmentation": encode_rle(it.mask), "area": int(it.mask.sum()),
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "score": 1.0})
+    cats = [{"id": c + 1, "name": f"cluster_{c}"} for c in range(num_clusters)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def cluster_splits(mask_shards: dict[str, list[Path]], feature_shards: dict[str, list[Path]],
+                   out_jsons: dict[str, Path], out_model: Path, cfg: dict[str, Any],
+                   image_ids: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """Fit K-means on the train split's features, assign every split, write COCO pseudo-labels."""
+    feats: dict[str, tuple[list[str], np.ndarray]] = {}
+    for split, paths in feature_shards.items():
+        parts = [read_features(p) for p in paths]
+        keys = [k for ks, _ in parts for k in ks]
+        feats[split] = (keys, np.concatenate([f for _, f in parts]))
+    model = fit_kmeans(feats["train"][1], cfg)
+    k = len(model["centroids"])
+    with atomic_path(out_model, suffix=".tmp.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **model)
+    summary: dict[str, Any] = {"num_clusters": k}
+    for split, out in out_jsons.items():
+        keys, f = feats[split]
+        clusters = dict(zip(keys, assign_clusters(f, model), strict=True))
+        items = sorted((it for p in mask_shards[split] for it in read_mask_shard(p)),
+                       key=lambda it: it.key)
+        labels = np.array([clusters[it.key] for it in items], dtype=np.int64)
+        write_json(out, coco_from_masks(items, labels, k, (image_ids or {}).get(split)))
+        sizes = np.bincount(labels, minlength=k).tolist()
+        summary[split] = {"masks": len(items), "cluster_sizes": sizes}
+        log.info("%s: %d masks, cluster sizes %s", split, len(items), sizes)
+    return summary

@@ -1,0 +1,396 @@
+"""Stage 2: train an instance segmentation model on the clustered pseudo-labels, then predict.
+
+The paper used detectron2's R50-C4 Mask R-CNN; here the detector sits behind the small
+:class:`DetectorBackend` interface with a torchvision Mask R-CNN (ResNet-FPN) implementation, so
+another backend (e.g. detectron2) can be registered in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from maskdistill.backbone import load_resnet_weights
+from maskdistill.config import section_defaults
+from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
+from maskdistill.storage import (
+    atomic_path,
+    decode_segmentation,
+    encode_rle,
+    read_json,
+    write_json,
+)
+from maskdistill.training import (
+    ProgressLog,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger("maskdistill")
+
+DEFAULTS: dict[str, Any] = section_defaults("detector")
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+WARMUP_FACTOR = 0.001
+LAST_CHECKPOINT = "last.pt"
+
+
+class DetectorBackend(Protocol):
+    """What the workflow needs from an instance segmentation implementation."""
+
+    def train(self, train_json: Path, images_root: Path, checkpoint_dir: Path,
+              out_model: Path) -> None:
+        """Train on a COCO instances file (resumable from ``checkpoint_dir``); write ``out_model``."""
+        ...
+
+    def predict(self, model_path: Path, records: list[ImageRecord], out_json: Path) -> None:
+        """Write COCO-format predictions (masks, classes, scores) for ``records``."""
+        ...
+
+
+# ---------------------------------------------------------------- model
+
+
+def _fpn_backbone(resnet: nn.Module, trainable_layers: int, channels: int) -> BackboneWithFPN:
+    """ResNet trunk with its first ``5 - trainable_layers`` stages frozen, under an FPN."""
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, param in resnet.named_parameters():
+        if not name.startswith(tuple(train)):
+            param.requires_grad_(False)
+    width = resnet.inplanes // 8  # channels of layer1's output
+    return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                           [width * 2 ** (i - 1) for i in range(1, 5)], channels,
+                           extra_blocks=LastLevelMaxPool())
+
+
+def build_model(cfg: dict[str, Any], num_classes: int, load_pretrained: bool = True) -> MaskRCNN:
+    """Mask R-CNN with a ResNet-FPN backbone as configured (``num_classes`` includes background).
+
+    With ``pretrained_backbone`` set, batch norm is frozen (as with detectron2's R50 weights) and
+    the weights are loaded when ``load_pretrained``; from scratch, ordinary batch norm is used.
+    """
+    name = cfg["backbone"]
+    if name not in BACKBONES:
+        raise ValueError(f"config key 'detector.backbone': unknown '{name}', choose from {BACKBONES}")
+    pretrained = cfg.get("pretrained_backbone")
+    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    # zero-initialised residual branches keep activations bounded when training from scratch
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm,
+                                               zero_init_residual=True)
+    if pretrained and load_pretrained:
+        load_resnet_weights(resnet, pretrained)
+        log.info("backbone %s initialised from %s", name, pretrained)
+    layers = int(cfg["trainable_layers"])
+    if not 0 <= layers <= 5:
+        raise ValueError(f"config key 'detector.trainable_layers': {layers} outside 0..5")
+    if layers < 5 and not pretrained and load_pretrained:
+        log.warning("detector: trainable_layers=%d freezes randomly initialised backbone stages "
+                    "(no pretrained_backbone given)", layers)
+    ch = int(cfg["fpn_channels"])
+    lo = int(cfg["train_min_size"][0])
+    model = MaskRCNN(
+        _fpn_backbone(resnet, layers, ch), num_classes=None, min_size=(lo,), max_size=int(cfg["max_size"]),
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        box_score_thresh=float(cfg["score_threshold"]),
+        box_detections_per_img=int(cfg["detections_per_image"]),
+        rpn_batch_size_per_image=int(cfg["rpn_batch_size_per_image"]),
+        box_batch_size_per_image=int(cfg["roi_batch_size_per_image"]),
+        box_head=TwoMLPHead(ch * 7 * 7, int(cfg["box_head_dim"])),
+        box_predictor=FastRCNNPredictor(int(cfg["box_head_dim"]), num_classes),
+        mask_head=MaskRCNNHeads(ch, [ch] * int(cfg["mask_head_convs"]), 1),
+        mask_predictor=MaskRCNNPredictor(ch, ch, num_classes),
+    )
+    # detectron2-style small init of the mask logits: torchvision's kaiming init (fan_out =
+    # num_classes) gives huge initial logits and diverges when training from scratch
+    logits = model.roi_heads.mask_predictor.mask_fcn_logits
+    nn.init.normal_(logits.weight, std=0.001)
+    nn.init.zeros_(logits.bias)
+    return model
+
+
+# ---------------------------------------------------------------- training data
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """COCO instances as Mask R-CNN targets; items are indexed by ``(index, flip)``."""
+
+    def __init__(self, train_json: Path, images_root: Path):
+        data = read_json(train_json)
+        for field in ("images", "annotations", "categories"):
+            if field not in data:
+                raise ValueError(f"{train_json}: not a COCO instances file (no '{field}')")
+        self.categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        cat_ids = {int(c["id"]) for c in self.categories}
+        if not cat_ids or min(cat_ids) < 1:
+            raise ValueError(f"{train_json}: category ids must be 1..K, got {sorted(cat_ids)}")
+        self.num_classes = max(cat_ids) + 1
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            if int(ann["category_id"]) not in cat_ids:
+                raise ValueError(f"{train_json}: annotation {ann.get('id')} has category_id "
+                                 f"{ann['category_id']} not among the categories")
+            if ann.get("iscrowd", 0) or ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+                continue
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        self.root = Path(images_root)
+        self.items = [(im, by_image[int(im["id"])]) for im in data["images"]
+                      if int(im["id"]) in by_image]
+        self.skipped = len(data["images"]) - len(self.items)
+        self.source = train_json
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index, flip = item
+        im, anns = self.items[index]
+        path = self.root / im["file_name"]
+        rgb = read_rgb(path)
+        h, w = int(im["height"]), int(im["width"])
+        if rgb.shape[:2] != (h, w):
+            raise ValueError(f"{self.source}: {path} is {rgb.shape[0]}x{rgb.shape[1]} but the "
+                             f"annotations say {h}x{w}")
+        masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+        x, y, bw, bh = (np.array([a["bbox"][i] for a in anns], np.float32) for i in range(4))
+        boxes = np.stack([x, y, x + bw, y + bh], axis=1)
+        image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64),
+            "masks": torch.from_numpy(masks.astype(np.uint8)),
+        }
+        if flip:
+            image = image.flip(-1)
+            target["masks"] = target["masks"].flip(-1)
+            b = target["boxes"].clone()
+            b[:, 0], b[:, 2] = w - target["boxes"][:, 2], w - target["boxes"][:, 0]
+            target["boxes"] = b
+        return image, target
+
+
+def _collate(batch: list[Any]) -> tuple[list[Any], list[Any]]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def epoch_plan(n: int, batch_size: int, size_range: tuple[int, int], seed: int,
+               epoch: int) -> tuple[list[list[tuple[int, bool]]], list[int]]:
+    """The batches of one epoch as ``(index, flip)`` lists plus each batch's shorter-side size.
+
+    Deterministic given ``seed + epoch``: a resumed run sees exactly the same epochs.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    flips = (torch.rand(n, generator=g) < 0.5).tolist()
+    batches = [[(i, bool(flips[i])) for i in order[s:s + batch_size]]
+               for s in range(0, n, batch_size)]
+    sizes = torch.randint(size_range[0], size_range[1] + 1, (len(batches),), generator=g).tolist()
+    return batches, sizes
+
+
+def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: list[int]) -> float:
+    """Linear warmup from ``WARMUP_FACTOR`` over ``warmup_iters`` steps, x0.1 at each drop epoch."""
+    warm = 1.0
+    if step < warmup_iters:
+        alpha = step / warmup_iters
+        warm = WARMUP_FACTOR * (1 - alpha) + alpha
+    epoch = step // steps_per_epoch
+    return warm * 0.1 ** sum(epoch >= d for d in drops)
+
+
+# ---------------------------------------------------------------- backend
+
+
+class TorchvisionMaskRCNN:
+    """torchvision Mask R-CNN with a ResNet-FPN backbone."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device):
+        self.cfg = {**DEFAULTS, **cfg}
+        self.device = torch.device(device)
+        self.history: list[dict[str, float]] = []  # losses of the steps run by the last train()
+
+    def train(self, train_json: Path, images_root: Path, checkpoint_dir: Path,
+              out_model: Path) -> None:
+        """Train (resuming from ``checkpoint_dir/last.pt``) and write the final model file."""
+        cfg = self.cfg
+        dataset = CocoInstances(Path(train_json), Path(images_root))
+        if len(dataset) == 0:
+            raise ValueError(f"{train_json}: no image has an annotation to train on")
+        log.info("detector: %d training images (%d without annotations skipped), %d classes",
+                 len(dataset), dataset.skipped, dataset.num_classes - 1)
+        seed_everything(int(cfg["seed"]))
+        model = build_model(cfg, dataset.num_classes).to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                                    weight_decay=float(cfg["weight_decay"]))
+        bs = int(cfg["batch_size"])
+        steps_per_epoch = math.ceil(len(dataset) / bs)
+        drops = [int(d) for d in cfg["lr_drop_epochs"]]
+        warmup = int(cfg["warmup_iters"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, steps_per_epoch, warmup, drops))
+        epochs = int(cfg["epochs"])
+        start_epoch, step = 0, 0
+        ckpt_path = Path(checkpoint_dir) / LAST_CHECKPOINT
+        if ckpt_path.exists():
+            state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay on cpu
+            if state.get("num_classes") != dataset.num_classes:
+                raise ValueError(f"{ckpt_path}: checkpoint has {state.get('num_classes')} classes, "
+                                 f"{train_json} has {dataset.num_classes}; delete it and rerun")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            set_rng_state(state["rng"])
+            log.info("detector: resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch,
+                     step)
+        size_range = (int(cfg["train_min_size"][0]), int(cfg["train_min_size"][1]))
+        progress = ProgressLog(epochs * steps_per_epoch, int(cfg["log_every"]), name="detector")
+        self.history = []
+        every = int(cfg["checkpoint_every_epochs"])
+        model.train()
+        for epoch in range(start_epoch, epochs):
+            batches, sizes = epoch_plan(len(dataset), bs, size_range, int(cfg["seed"]), epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, collate_fn=_collate,
+                num_workers=int(cfg["num_workers"]), pin_memory=self.device.type == "cuda")
+            for (images, targets), size in zip(loader, sizes, strict=True):
+                model.transform.min_size = (int(size),)
+                images = [im.to(self.device, non_blocking=True) for im in images]
+                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+                losses = model(images, targets)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"detector: non-finite loss at step {step + 1} "
+                                             f"({ {k: float(v) for k, v in losses.items()} })")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                values = {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}
+                self.history.append(values)
+                progress.step(step, epoch + 1, values, optimizer.param_groups[0]["lr"])
+            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                    "rng": rng_state(), "num_classes": dataset.num_classes,
+                })
+        with atomic_path(out_model, suffix=".tmp.pt") as tmp:
+            torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "num_classes": dataset.num_classes, "cfg": dict(cfg),
+                        "categories": dataset.categories, "steps": step}, tmp)
+        log.info("detector: wrote %s after %d steps", out_model, step)
+
+    def load(self, model_path: Path) -> tuple[MaskRCNN, dict[str, Any]]:
+        """The trained model (eval mode, on the device, at ``test_min_size``) and its file."""
+        p = Path(model_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"detector model not found: {p}")
+        try:
+            saved = torch.load(p, map_location="cpu", weights_only=False)
+            arch = {**DEFAULTS, **saved["cfg"]}
+            num_classes = int(saved["num_classes"])
+        except Exception as err:
+            raise ValueError(f"{p}: not a detector model file ({err})") from err
+        # architecture from the trained model; inference settings from the current config
+        for key in ("test_min_size", "max_size", "score_threshold", "detections_per_image"):
+            arch[key] = self.cfg[key]
+        model = build_model(arch, num_classes, load_pretrained=False)
+        model.load_state_dict(saved["state_dict"])
+        model.transform.min_size = (int(self.cfg["test_min_size"]),)
+        return model.to(self.device).eval(), saved
+
+    def predict(self, model_path: Path, records: list[ImageRecord], out_json: Path) -> None:
+        """Write COCO-format predictions for every record to ``out_json`` (atomically).
+
+        Layout: ``{"images": [{"id", "file_name", "height", "width", "key"}], "annotations":
+        [{"id", "image_id", "category_id", "score", "bbox" (x, y, w, h), "segmentation" (RLE of
+        the mask at 0.5), "area"}], "categories": [...]}``. Image ids are ``record.image_id`` or
+        else the record's index in ``records``; ``file_name`` is the key plus the file's suffix,
+        i.e. the path relative to the images root the keys were made from; height and width are
+        those of the decoded image, at which the masks are given.
+        """
+        model, saved = self.load(model_path)
+        loader = torch.utils.data.DataLoader(
+            _Images(records), batch_size=int(self.cfg["batch_size"]), collate_fn=_collate,
+            num_workers=int(self.cfg["num_workers"]))
+        images, anns = [], []
+        every = max(1, int(self.cfg["log_every"]))
+        done = 0
+        with torch.inference_mode():
+            for tensors, idxs in loader:
+                outputs = model([t.to(self.device) for t in tensors])
+                for t, i, out in zip(tensors, idxs, outputs, strict=True):
+                    rec = records[i]
+                    image_id = rec.image_id if rec.image_id is not None else i
+                    h, w = t.shape[-2:]
+                    images.append({"id": image_id, "file_name": rec.key + rec.path.suffix,
+                                   "height": int(h), "width": int(w), "key": rec.key})
+                    anns.extend(_annotations(out, image_id, start_id=len(anns) + 1))
+                    done += 1
+                    if done % every == 0 or done == len(records):
+                        log.info("detector: predicted %d/%d images", done, len(records))
+        write_json(out_json, {"images": images, "annotations": anns,
+                              "categories": saved["categories"]})
+        log.info("detector: wrote %d predictions for %d images to %s", len(anns), len(images),
+                 out_json)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Records as float [0, 1] tensors, with their index."""
+
+    def __init__(self, records: list[ImageRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        rgb = read_rgb(self.records[i].path)
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0), i
+
+
+def _annotations(out: dict[str, torch.Tensor], image_id: int,
+                 start_id: int) -> list[dict[str, Any]]:
+    """One model output -> COCO annotations (mask thresholded at 0.5, bbox xywh, score)."""
+    anns = []
+    masks = (out["masks"][:, 0] >= 0.5).cpu().numpy()
+    for j, (box, label, score) in enumerate(zip(out["boxes"].tolist(), out["labels"].tolist(),
+                                                out["scores"].tolist(), strict=True)):
+        x0, y0, x1, y1 = box
+        anns.append({"id": start_id + j, "image_id": image_id, "category_id": int(label),
+                     "score": float(score), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                     "segmentation": encode_rle(masks[j]), "area": int(masks[j].sum())})
+    return anns
+
+
+BACKENDS: dict[str, type] = {"torchvision": TorchvisionMaskRCNN}
+
+
+def get_backend(cfg: dict[str, Any], device: torch.device | str) -> DetectorBackend:
+    """The detector implementation named by ``cfg['backend']``."""
+    name = cfg.get("backend", DEFAULTS["backend"])
+    if name not in BACKENDS:
+        raise ValueError(f"config key 'detector.backend': unknown backend '{name}', "
+                         f"available: {sorted(BACKENDS)}")
+    return BACKENDS[name](cfg, torch.device(device))
+

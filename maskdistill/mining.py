@@ -1,0 +1,183 @@
+"""Stage 1: one object mask per image from the last self-attention block of a ViT.
+
+CLS affinity over the first heads -> 50%-mass threshold -> top-40% proposals -> seed -> LOST-style
+expansion over the summed key affinity -> the seed's connected component -> nearest upsampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from maskdistill.backbone import create_vit, last_block_qk, patch_size
+from maskdistill.images import (
+    ImageReadError,
+    ImageRecord,
+    pad_to_multiple,
+    read_rgb,
+    resized_hw,
+    to_tensor,
+)
+from maskdistill.storage import MaskShardWriter, MinedMask, mask_to_box
+
+log = logging.getLogger("maskdistill")
+
+
+@dataclass(frozen=True)
+class MiningParams:
+    """The rules of the mask construction (defaults are the paper's)."""
+
+    cls_heads: int | None = None  # first heads for the CLS affinity; None = all but the last
+    mass: float = 0.5  # share of the CLS affinity "mass" kept, DINO-style
+    proposal_ratio: float = 0.4  # top share of patches used as proposals
+
+
+@dataclass
+class PatchMask:
+    """Result on the patch grid."""
+
+    mask: np.ndarray  # bool (gh, gw)
+    cls_affinity: np.ndarray  # float32 (gh, gw), head-averaged CLS affinity
+    seed: int  # flat index of the seed patch
+
+
+def mass_threshold(values: torch.Tensor, mass: float) -> torch.Tensor:
+    """0/1 mask keeping the entries that hold the top ``mass`` share, as DINO thresholds attention.
+
+    Sort ascending, divide by the sum, cumulative sum, keep where it exceeds ``1 - mass``.
+    """
+    sorted_vals, order = torch.sort(values)
+    cum = torch.cumsum(sorted_vals / sorted_vals.sum(), dim=0)
+    keep_sorted = (cum > 1 - mass).to(values.dtype)
+    keep = torch.empty_like(keep_sorted)
+    keep[order] = keep_sorted
+    return keep
+
+
+def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
+                 params: MiningParams = MiningParams(), num_prefix: int = 1) -> PatchMask:
+    """Object mask on the patch grid from one image's last-block q, k (heads, tokens, dim)."""
+    heads, _, _ = q.shape
+    gh, gw = grid_hw
+    n = gh * gw
+    if q.shape[1] != n + num_prefix:
+        raise ValueError(f"q has {q.shape[1]} tokens, expected {n} patches + {num_prefix} prefix")
+    h_cls = params.cls_heads if params.cls_heads is not None else max(1, heads - 1)
+    if not 1 <= h_cls <= heads:
+        raise ValueError(f"mining.cls_heads={h_cls} outside 1..{heads} (the ViT has {heads} heads)")
+    q = q.float()
+    k_patch = k[:, num_prefix:].float()  # (heads, n, d)
+    # CLS -> patch affinity per head, averaged over the first h_cls heads.
+    cls_aff = torch.einsum("hd,hnd->hn", q[:h_cls, 0], k_patch[:h_cls]).mean(0)
+    masked = cls_aff * mass_threshold(cls_aff, params.mass)
+    n_prop = max(1, int(params.proposal_ratio * n))
+    proposals = torch.topk(masked, n_prop).indices
+    seed = int(proposals[0])
+    # G = sum_h K_h K_h^T = K K^T with heads concatenated; only the rows we need are formed.
+    keys = k_patch.permute(1, 0, 2).reshape(n, -1)  # (n, heads*d)
+    g_seed = keys[proposals] @ keys[seed]
+    similar = proposals[g_seed > 0]
+    potential = keys @ keys[similar].sum(0)  # sum over kept proposals of their rows of G
+    grid = (potential > 0).reshape(gh, gw).cpu().numpy()
+    labels, _ = ndimage.label(grid)  # default structure = 4-connectivity
+    component = labels == labels.flat[seed]
+    return PatchMask(mask=component, cls_affinity=cls_aff.reshape(gh, gw).cpu().numpy(), seed=seed)
+
+
+def upsample_patch_mask(patch_mask: np.ndarray, patch: int, resized: tuple[int, int],
+                        original: tuple[int, int]) -> np.ndarray:
+    """Patch grid -> image size with nearest neighbours (through the resized, unpadded frame)."""
+    full = np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
+    if full.shape == tuple(original):
+        return full
+    rows = np.minimum((np.arange(original[0]) + 0.5) * resized[0] / original[0], resized[0] - 1)
+    cols = np.minimum((np.arange(original[1]) + 0.5) * resized[1] / original[1], resized[1] - 1)
+    return full[rows.astype(np.int64)][:, cols.astype(np.int64)]
+
+
+@dataclass
+class _Decoded:
+    record: ImageRecord
+    tensor: torch.Tensor | None  # normalised, padded (3, H', W')
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    error: str | None = None
+
+
+def _decode(record: ImageRecord, short_side: int, patch: int) -> _Decoded:
+    try:
+        rgb = read_rgb(record.path)
+    except ImageReadError as err:
+        return _Decoded(record, None, (0, 0), (0, 0), str(err))
+    size = resized_hw(rgb.shape[0], rgb.shape[1], short_side)
+    return _Decoded(record, pad_to_multiple(to_tensor(rgb, size), patch), rgb.shape[:2], size)
+
+
+def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Decoded]]:
+    """Group consecutive images of equal padded size (a batch is one forward pass)."""
+    batch: list[_Decoded] = []
+    for item in decoded:
+        if item.tensor is None:
+            yield [item]
+            continue
+        if batch and (len(batch) == batch_size or batch[0].tensor.shape != item.tensor.shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
+               device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
+    """Mine every image of a shard into one HDF5 file; returns counts and timings."""
+    bb = cfg["backbone"]
+    model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
+    patch = patch_size(model)
+    params = MiningParams(cfg.get("cls_heads"), cfg["mass"], cfg["proposal_ratio"])
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
+             "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}
+    skipped: list[str] = []
+    start = time.perf_counter()
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, cfg.get("decode_threads", 1))) as pool, \
+            MaskShardWriter(out_path, attrs) as writer:
+        decoded = pool.map(lambda r: _decode(r, cfg["short_side"], patch), records)
+        for batch in _batches(decoded, cfg.get("batch_size", 1)):
+            if batch[0].tensor is None:
+                if on_bad_image == "fail":
+                    raise ImageReadError(batch[0].error)
+                log.warning("skipping %s", batch[0].error)
+                skipped.append(f"{batch[0].record.path}\t{batch[0].error}")
+                continue
+            x = torch.stack([d.tensor for d in batch]).to(device)
+            q, k = last_block_qk(model, x)
+            grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+            for i, d in enumerate(batch):
+                pm = mask_from_qk(q[i], k[i], grid, params, num_prefix)
+                mask = upsample_patch_mask(pm.mask, patch, d.resized_hw, d.original_hw)
+                writer.append(MinedMask(key=d.record.key, file_name=_file_name(d.record),
+                                        height=d.original_hw[0], width=d.original_hw[1], mask=mask,
+                                        box=mask_to_box(mask), patch_mask=pm.mask,
+                                        cls_affinity=pm.cls_affinity, seed=pm.seed))
+            done += len(batch)
+            if done % cfg.get("log_every", 20) < len(batch) or done == len(records):
+                rate = (time.perf_counter() - start) / done
+                log.info("mined %d/%d images, %.3f s/img", done, len(records), rate)
+        writer.set_skipped(skipped)
+    return {"images": done, "skipped": len(skipped), "seconds": time.perf_counter() - start}
+
+
+def _file_name(record: ImageRecord) -> str:
+    suffix = record.path.suffix
+    return record.key + suffix

@@ -1,0 +1,56 @@
+"""Stage 3: confident Mask R-CNN predictions pasted into one label map per image."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskdistill.storage import decode_segmentation, write_label_png
+
+
+def select_confident(anns: list[dict[str, Any]], tau: float) -> list[dict[str, Any]]:
+    """Predictions with score >= tau, by descending score; the single best one when none pass."""
+    ranked = sorted(anns, key=lambda a: -float(a.get("score", 1.0)))
+    kept = [a for a in ranked if float(a.get("score", 1.0)) >= tau]
+    return kept or ranked[:1]
+
+
+def paste_masks(masks: list[np.ndarray], labels: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """Paste masks in the given order; a pixel already taken is not overwritten. 0 = background."""
+    out = np.zeros(shape, np.uint8)
+    taken = np.zeros(shape, bool)
+    for mask, label in zip(masks, labels, strict=True):
+        free = mask & ~taken
+        out[free] = label
+        taken |= mask
+    return out
+
+
+def label_map(image: dict[str, Any], anns: list[dict[str, Any]], tau: float) -> np.ndarray:
+    """The pseudo-label map of one COCO image entry from its predictions."""
+    h, w = int(image["height"]), int(image["width"])
+    chosen = select_confident(anns, tau)
+    masks = [decode_segmentation(a["segmentation"], h, w) for a in chosen]
+    labels = [int(a["category_id"]) for a in chosen]
+    if any(not 1 <= lab <= 255 for lab in labels):
+        raise ValueError(f"image {image.get('file_name')}: category ids must lie in 1..255")
+    return paste_masks(masks, labels, (h, w))
+
+
+def write_label_maps(instances: dict[str, Any], out_dir: Path, tau: float) -> dict[str, int]:
+    """One ``{key}.png`` per image of a COCO instances/predictions dict; returns counts."""
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in instances["annotations"]:
+        by_image[a["image_id"]].append(a)
+    kept = 0
+    for im in instances["images"]:
+        anns = by_image.get(im["id"], [])
+        labels = label_map(im, anns, tau)
+        kept += len(select_confident(anns, tau))
+        key = im.get("key") or im["file_name"].rsplit(".", 1)[0]
+        write_label_png(out_dir / f"{key}.png", labels)
+    return {"images": len(instances["images"]), "masks_kept": kept,
+            "masks_total": len(instances["annotations"])}

@@ -1,0 +1,268 @@
+"""Files that stages exchange: atomic writes, HDF5 mask shards, COCO RLE, PNG label maps."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+SHARD_FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+IGNORE_LABEL = 255
+
+
+class CorruptFileError(RuntimeError):
+    """A stage file exists but cannot be trusted (truncated, incomplete or wrong format)."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{final.name}.", suffix=suffix or f".tmp{final.suffix}", dir=final.parent
+    )
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the final file normal permissions
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, naming the file in any error."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"JSON file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{p}: not valid JSON ({err})") from err
+
+
+# ---------------------------------------------------------------- label maps
+
+
+def write_label_png(path: str | os.PathLike[str], labels: np.ndarray) -> None:
+    """Write a uint8 label map as a single-channel PNG (atomic)."""
+    if labels.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got shape {labels.shape}")
+    if labels.max(initial=0) > 255 or labels.min(initial=0) < 0:
+        raise ValueError("label values must lie in 0..255")
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        Image.fromarray(labels.astype(np.uint8), mode="L").save(tmp)
+
+
+def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label PNG (palette or grayscale) as a uint8 array without colour conversion."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"label map not found: {p}")
+    with Image.open(p) as im:
+        if im.mode not in ("L", "P", "I;16", "I"):
+            raise ValueError(f"{p}: label maps must be single-channel, got mode {im.mode}")
+        return np.array(im).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- COCO RLE
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Binary mask (H, W) -> COCO compressed RLE with a JSON-friendly ``counts`` string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygons, RLE or uncompressed RLE) -> bool mask (H, W)."""
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = dict(seg)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_to_box(mask: np.ndarray) -> list[float]:
+    """Tight box [x0, y0, x1, y1] (exclusive end) of a bool mask; zeros when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+# ---------------------------------------------------------------- HDF5 mask shards
+
+
+@dataclass
+class MinedMask:
+    """One image's mined object mask and what produced it."""
+
+    key: str
+    file_name: str  # path relative to the images root
+    height: int
+    width: int
+    mask: np.ndarray  # bool (H, W) at the original image size
+    box: list[float]  # x0, y0, x1, y1 in original pixels
+    patch_mask: np.ndarray  # bool (gh, gw) on the patch grid
+    cls_affinity: np.ndarray  # float32 (gh, gw), CLS->patch affinity averaged over heads
+    seed: int  # flat index of the seed patch
+
+
+class MaskShardWriter:
+    """Stream mined masks into one HDF5 shard; the file appears under its name only when closed."""
+
+    def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any]):
+        self._ctx = atomic_path(path, suffix=".tmp.h5")
+        self._tmp = self._ctx.__enter__()
+        self._h5 = h5py.File(self._tmp, "w")
+        self._h5.attrs["format_version"] = SHARD_FORMAT_VERSION
+        self._h5.attrs["complete"] = False
+        for name, value in attrs.items():
+            self._h5.attrs[name] = value
+        vlen_u8 = h5py.vlen_dtype(np.uint8)
+        vlen_f4 = h5py.vlen_dtype(np.float32)
+        str_dt = h5py.string_dtype()
+        self._sets = {
+            "keys": self._h5.create_dataset("keys", (0,), str_dt, maxshape=(None,)),
+            "files": self._h5.create_dataset("files", (0,), str_dt, maxshape=(None,)),
+            "image_hw": self._h5.create_dataset("image_hw", (0, 2), np.int32, maxshape=(None, 2)),
+            "grid_hw": self._h5.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2)),
+            "boxes": self._h5.create_dataset("boxes", (0, 4), np.float32, maxshape=(None, 4)),
+            "seeds": self._h5.create_dataset("seeds", (0,), np.int32, maxshape=(None,)),
+            "masks": self._h5.create_dataset("masks", (0,), vlen_u8, maxshape=(None,)),
+            "patch_masks": self._h5.create_dataset("patch_masks", (0,), vlen_u8, maxshape=(None,)),
+            "cls_affinity": self._h5.create_dataset("cls_affinity", (0,), vlen_f4, maxshape=(None,)),
+        }
+        self.count = 0
+
+    def append(self, item: MinedMask) -> None:
+        """Add one image's result."""
+        i = self.count
+        for ds in self._sets.values():
+            ds.resize(i + 1, axis=0)
+        s = self._sets
+        s["keys"][i] = item.key
+        s["files"][i] = item.file_name
+        s["image_hw"][i] = (item.height, item.width)
+        s["grid_hw"][i] = item.patch_mask.shape
+        s["boxes"][i] = item.box
+        s["seeds"][i] = item.seed
+        s["masks"][i] = np.packbits(item.mask.astype(bool).ravel())
+        s["patch_masks"][i] = item.patch_mask.astype(np.uint8).ravel()
+        s["cls_affinity"][i] = item.cls_affinity.astype(np.float32).ravel()
+        self.count += 1
+
+    def set_skipped(self, lines: list[str]) -> None:
+        """Record images that were skipped (path and reason, tab separated)."""
+        self._h5.attrs["skipped"] = "\n".join(lines)
+
+    def close(self) -> None:
+        """Mark complete and move the file to its final name."""
+        self._h5.attrs["complete"] = True
+        self._h5.attrs["num_images"] = self.count
+        self._h5.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        try:
+            self._h5.close()
+        finally:
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> MaskShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def open_mask_shard(path: str | os.PathLike[str]) -> h5py.File:
+    """Open a mask shard for reading, refusing incomplete or foreign files with a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"mask shard not found: {p}")
+    try:
+        h5 = h5py.File(p, "r")
+    except OSError as err:
+        raise CorruptFileError(f"{p}: not a readable HDF5 file ({err}); delete it and rerun") from err
+    if h5.attrs.get("format_version") != SHARD_FORMAT_VERSION or not h5.attrs.get("complete"):
+        h5.close()
+        raise CorruptFileError(f"{p}: incomplete or unknown mask shard; delete it and rerun")
+    n = int(h5.attrs.get("num_images", -1))
+    if any(len(h5[name]) != n for name in ("keys", "boxes", "masks")):
+        h5.close()
+        raise CorruptFileError(f"{p}: shard datasets disagree with num_images={n}")
+    return h5
+
+
+def read_mask_shard(path: str | os.PathLike[str]) -> list[MinedMask]:
+    """Read every mined mask in a shard."""
+    out = []
+    with open_mask_shard(path) as h5:
+        for i in range(int(h5.attrs["num_images"])):
+            h, w = (int(v) for v in h5["image_hw"][i])
+            gh, gw = (int(v) for v in h5["grid_hw"][i])
+            bits = np.unpackbits(h5["masks"][i], count=h * w).astype(bool)
+            out.append(
+                MinedMask(
+                    key=_text(h5["keys"][i]),
+                    file_name=_text(h5["files"][i]),
+                    height=h,
+                    width=w,
+                    mask=bits.reshape(h, w),
+                    box=[float(v) for v in h5["boxes"][i]],
+                    patch_mask=h5["patch_masks"][i].astype(bool).reshape(gh, gw),
+                    cls_affinity=h5["cls_affinity"][i].reshape(gh, gw),
+                    seed=int(h5["seeds"][i]),
+                )
+            )
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def digest_path(path: str | os.PathLike[str]) -> str:
+    """SHA-1 of a file's bytes, or of every file below a folder (names and bytes, sorted)."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha1()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(f.relative_to(p).as_posix().encode() if p.is_dir() else b"")
+        h.update(f.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,39 @@
+# Stage 2: Mask R-CNN trained on the clustered masks, then predictions for every split.
+
+
+rule train_detector:
+    input:
+        f"{RESULTS}/clusters/train.json",
+    output:
+        f"{RESULTS}/detector/model.pt",
+    params:
+        cfg=cfg("detector"),
+        checkpoints=f"{RESULTS}/detector/checkpoints",
+        version=VERSION,
+    conda:
+        "../envs/maskdistill.yaml"
+    log:
+        "logs/train_detector.log",
+    threads: 2
+    shell:
+        "maskdistill --threads {threads} train-detector --config {params.cfg:q} --train-json {input}"
+        " --checkpoint-dir {params.checkpoints} --out {output} > {log} 2>&1"
+
+
+rule predict_detector:
+    input:
+        model=f"{RESULTS}/detector/model.pt",
+        images=lambda wc: [path for _, path in SPLITS[wc.split]],
+    output:
+        f"{RESULTS}/detector/predictions_{{split}}.json",
+    params:
+        cfg=cfg("detector"),
+        version=VERSION,
+    conda:
+        "../envs/maskdistill.yaml"
+    log:
+        "logs/predict_detector/{split}.log",
+    threads: 2
+    shell:
+        "maskdistill --threads {threads} predict-detector --config {params.cfg:q} --model {input.model}"
+        " --split {wildcards.split} --out {output} > {log} 2>&1"

@@ -1,0 +1,72 @@
+"""Stage 1b: box crops, whitening, seeded K-means over all shards, COCO export."""
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from maskdistill.clustering import assign_clusters, coco_from_masks, crop_box, fit_kmeans, whiten
+from maskdistill.storage import MinedMask, decode_segmentation
+
+CFG = {"num_clusters": 3, "overclustering": 1, "kmeans_batch_size": 1000, "n_init": 3, "seed": 0}
+
+
+def test_crop_box_cuts_the_box_region():
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[5:10, 10:20] = 200
+    crop = crop_box(rgb, [10, 5, 20, 10], 8)
+    assert crop.shape == (8, 8, 3)
+    assert crop.min() > 150  # only the bright box inside
+
+
+def test_whiten_standardises_then_normalises_rows():
+    x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    z = whiten(x, x.mean(0), x.std(0))
+    assert np.allclose(np.linalg.norm(z, axis=1), [1, 0, 1], atol=1e-6)  # middle row is the mean
+    assert np.allclose(z[0], [-np.sqrt(0.5), -np.sqrt(0.5)])
+
+
+def _blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (3, 16))
+    labels = np.repeat(np.arange(3), 20)
+    return centres[labels] + rng.normal(0, 0.5, (60, 16)), labels
+
+
+def test_kmeans_recovers_separated_groups_and_is_seeded():
+    x, truth = _blobs()
+    model = fit_kmeans(x, CFG)
+    pred = assign_clusters(x, model)
+    # a perfect clustering up to relabelling: each true group maps to exactly one cluster
+    pairs = {(t, p) for t, p in zip(truth, pred, strict=True)}
+    assert len(pairs) == 3 and len({p for _, p in pairs}) == 3
+    again = assign_clusters(x, fit_kmeans(x, CFG))
+    assert (again == pred).all()
+
+
+def test_overclustering_multiplies_the_centroids():
+    x, _ = _blobs()
+    assert len(fit_kmeans(x, {**CFG, "overclustering": 2})["centroids"]) == 6
+
+
+def test_too_few_masks_names_the_key():
+    with pytest.raises(ValueError, match="clustering.num_clusters"):
+        fit_kmeans(np.zeros((2, 4)), CFG)
+
+
+def test_coco_export_round_trips_masks_and_categories(tmp_path):
+    mask = np.zeros((10, 12), bool)
+    mask[2:5, 3:9] = True
+    items = [MinedMask(key=f"im{i}", file_name=f"im{i}.png", height=10, width=12, mask=mask,
+                       box=[3.0, 2.0, 9.0, 5.0], patch_mask=np.ones((1, 1), bool),
+                       cls_affinity=np.zeros((1, 1), np.float32), seed=0) for i in range(2)]
+    coco = coco_from_masks(items, np.array([2, 0]), 3, image_ids={"im1": 42})
+    assert [im["id"] for im in coco["images"]] == [0, 42]
+    assert [a["category_id"] for a in coco["annotations"]] == [3, 1]
+    assert coco["annotations"][0]["bbox"] == [3.0, 2.0, 6.0, 3.0]
+    assert (decode_segmentation(coco["annotations"][1]["segmentation"], 10, 12) == mask).all()
+    import json
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(coco))
+    api = COCO(str(path))
+    assert sorted(api.getCatIds()) == [1, 2, 3]

@@ -1,0 +1,196 @@
+"""Stage 2 detector: training on tiny synthetic COCO data, resuming, predictions, weight loading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from maskdistill.detection import (
+    TorchvisionMaskRCNN,
+    build_model,
+    epoch_plan,
+    get_backend,
+    lr_factor,
+)
+from maskdistill.images import ImageRecord, list_image_folder
+from maskdistill.storage import decode_segmentation, encode_rle, read_json, write_json
+from maskdistill.training import load_checkpoint
+
+SIZE = 64
+COLOURS = {1: (250, 40, 40), 2: (40, 250, 40)}  # category id -> square colour
+
+
+def tiny_cfg(**over) -> dict:
+    cfg = {"backbone": "resnet18", "trainable_layers": 5, "train_min_size": [64, 64],
+           "test_min_size": 64, "max_size": 128, "epochs": 2, "batch_size": 4, "lr": 0.01,
+           "lr_drop_epochs": [100], "warmup_iters": 2, "num_workers": 0, "log_every": 1,
+           "score_threshold": 0.0, "detections_per_image": 5, "seed": 0,
+           "roi_batch_size_per_image": 64, "rpn_batch_size_per_image": 64,
+           "fpn_channels": 64, "mask_head_convs": 2, "box_head_dim": 256}
+    return cfg | over
+
+
+def make_dataset(root: Path, n: int = 8) -> Path:
+    """n images with one coloured square each (+ one image without annotations)."""
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(n + 1):
+        img = np.full((SIZE, SIZE, 3), 10, np.uint8)
+        name = f"sub/img{i}.png"
+        if i < n:
+            cat = 1 + i % 2
+            s = int(rng.integers(18, 28))
+            x, y = (int(v) for v in rng.integers(2, SIZE - s - 2, 2))
+            img[y:y + s, x:x + s] = COLOURS[cat]
+            mask = np.zeros((SIZE, SIZE), bool)
+            mask[y:y + s, x:x + s] = True
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
+                         "bbox": [x, y, s, s], "segmentation": encode_rle(mask),
+                         "area": s * s, "iscrowd": 0})
+        (root / "images" / "sub").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "images" / name)
+        images.append({"id": i + 1, "file_name": name, "height": SIZE, "width": SIZE})
+    cats = [{"id": 1, "name": "cluster1"}, {"id": 2, "name": "cluster2"}]
+    path = root / "train.json"
+    write_json(path, {"images": images, "annotations": anns, "categories": cats})
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 12-epoch run, shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("det")
+    train_json = make_dataset(root)
+    backend = TorchvisionMaskRCNN(tiny_cfg(epochs=12, lr=0.02), torch.device("cpu"))
+    backend.train(train_json, root / "images", root / "ckpt", root / "model.pt")
+    return root, backend
+
+
+def test_training_reduces_loss_and_writes_model(trained):
+    root, backend = trained
+    totals = [h["total"] for h in backend.history]
+    assert len(totals) == 12 * 2  # 8 annotated images (the empty one skipped), batch 4
+    assert {"loss_classifier", "loss_mask", "loss_objectness"} <= set(backend.history[0])
+    assert np.mean(totals[-2:]) < 0.8 * np.mean(totals[:2])
+    saved = torch.load(root / "model.pt", weights_only=False)
+    assert saved["num_classes"] == 3
+    assert [c["id"] for c in saved["categories"]] == [1, 2]
+    assert saved["cfg"]["backbone"] == "resnet18"
+    assert load_checkpoint(root / "ckpt" / "last.pt")["step"] == 24
+
+
+def test_predictions_json_structure(trained, tmp_path):
+    root, backend = trained
+    records = list_image_folder(root / "images")[:3]
+    records[1] = ImageRecord(records[1].key, records[1].path, image_id=77)
+    out = tmp_path / "pred.json"
+    backend.predict(root / "model.pt", records, out)
+    data = read_json(out)
+    assert [im["id"] for im in data["images"]] == [0, 77, 2]
+    assert [im["key"] for im in data["images"]] == [r.key for r in records]
+    assert data["images"][0]["file_name"] == "sub/img0.png"
+    assert all(im["height"] == SIZE and im["width"] == SIZE for im in data["images"])
+    assert [c["id"] for c in data["categories"]] == [1, 2]
+    anns = data["annotations"]
+    assert anns, "the trained model predicts nothing"
+    assert len({a["id"] for a in anns}) == len(anns)
+    per_image = {im["id"]: sum(a["image_id"] == im["id"] for a in anns) for im in data["images"]}
+    assert max(per_image.values()) <= 5
+    for a in anns:
+        assert a["category_id"] in (1, 2) and 0.0 <= a["score"] <= 1.0
+        mask = decode_segmentation(a["segmentation"], SIZE, SIZE)
+        assert mask.shape == (SIZE, SIZE)
+        assert a["area"] == int(mask.sum())
+        assert len(a["bbox"]) == 4 and a["bbox"][2] >= 0 and a["bbox"][3] >= 0
+    # on these training images the best prediction should find the square and its colour class
+    gt = read_json(root / "train.json")
+    gt_by_file = {im["file_name"]: im["id"] for im in gt["images"]}
+    good = 0
+    for im in data["images"]:
+        g = next(a for a in gt["annotations"] if a["image_id"] == gt_by_file[im["file_name"]])
+        ranked = sorted((a for a in anns if a["image_id"] == im["id"]), key=lambda a: -a["score"])
+        if not ranked:
+            continue
+        pred = decode_segmentation(ranked[0]["segmentation"], SIZE, SIZE)
+        true = decode_segmentation(g["segmentation"], SIZE, SIZE)
+        iou = (pred & true).sum() / max((pred | true).sum(), 1)
+        good += iou > 0.3 and ranked[0]["category_id"] == g["category_id"]
+    assert good >= 2
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, caplog):
+    train_json = make_dataset(tmp_path, n=2)
+    images = tmp_path / "images"
+    cpu = torch.device("cpu")
+    cfg = tiny_cfg(batch_size=1, epochs=2)
+    full = TorchvisionMaskRCNN(cfg, cpu)
+    full.train(train_json, images, tmp_path / "full", tmp_path / "full.pt")
+
+    TorchvisionMaskRCNN(cfg | {"epochs": 1}, cpu).train(
+        train_json, images, tmp_path / "part", tmp_path / "part1.pt")
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 2
+    resumed = TorchvisionMaskRCNN(cfg, cpu)
+    with caplog.at_level(logging.INFO, logger="maskdistill"):
+        resumed.train(train_json, images, tmp_path / "part", tmp_path / "part2.pt")
+    assert "resumed" in caplog.text and "epoch 1" in caplog.text
+    assert len(resumed.history) == 2  # only the second epoch ran
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 4
+    a = torch.load(tmp_path / "full.pt", weights_only=False)
+    b = torch.load(tmp_path / "part2.pt", weights_only=False)
+    assert a["steps"] == b["steps"] == 4
+    assert resumed.history[-1]["total"] == pytest.approx(full.history[-1]["total"], rel=1e-3)
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-4), k
+
+
+def test_unknown_backend_names_config_key():
+    with pytest.raises(ValueError, match=r"detector\.backend.*torchvision"):
+        get_backend({"backend": "detectron3"}, "cpu")
+    assert isinstance(get_backend({"backend": "torchvision"}, "cpu"), TorchvisionMaskRCNN)
+
+
+@pytest.mark.parametrize("prefix", ["module.encoder_q.", "base_encoder.", ""])
+def test_moco_backbone_weights_load(tmp_path, prefix):
+    torch.manual_seed(1)
+    src = torchvision.models.resnet50(weights=None).state_dict()
+    state = {prefix + k: v for k, v in src.items()}
+    if prefix:  # the key encoder and the MLP head must be ignored
+        state |= {"module.encoder_k.conv1.weight": torch.zeros(1), prefix + "fc.0.weight":
+                  torch.zeros(3, 3)}
+    path = tmp_path / "moco.pth"
+    torch.save({"state_dict": state}, path)
+    model = build_model(tiny_cfg(backbone="resnet50", pretrained_backbone=str(path),
+                                 trainable_layers=3), num_classes=3)
+    body = model.backbone.body
+    assert torch.equal(body.conv1.weight, src["conv1.weight"])
+    assert torch.equal(body.layer3[2].conv2.weight, src["layer3.2.conv2.weight"])
+    assert torch.equal(body.layer4[0].bn1.running_var, src["layer4.0.bn1.running_var"])
+    assert not body.layer1[0].conv1.weight.requires_grad  # first two stages frozen
+    assert body.layer2[0].conv1.weight.requires_grad
+
+
+def test_bad_backbone_file_names_path(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="r18.pth"):
+        build_model(tiny_cfg(backbone="resnet50", pretrained_backbone=str(path)), num_classes=3)
+
+
+def test_epoch_plan_and_lr_schedule():
+    b1, s1 = epoch_plan(10, 4, (480, 800), seed=3, epoch=1)
+    b2, s2 = epoch_plan(10, 4, (480, 800), seed=3, epoch=1)
+    assert b1 == b2 and s1 == s2
+    assert [len(b) for b in b1] == [4, 4, 2]
+    assert sorted(i for b in b1 for i, _ in b) == list(range(10))
+    assert all(480 <= s <= 800 for s in s1)
+    assert epoch_plan(10, 4, (480, 800), seed=3, epoch=2)[0] != b1
+    assert lr_factor(0, 10, 4, [2]) == pytest.approx(0.001)
+    assert lr_factor(2, 10, 4, [2]) == pytest.approx(0.5005)
+    assert lr_factor(5, 10, 4, [2]) == 1.0
+    assert lr_factor(20, 10, 4, [2]) == pytest.approx(0.1)

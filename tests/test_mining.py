@@ -1,0 +1,198 @@
+"""Stage 1: every rule of the mask construction, on hand-built q/k with known geometry."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskdistill.mining import MiningParams, mask_from_qk, mass_threshold, upsample_patch_mask
+
+U = torch.tensor([1.0, 0.0, 0.0, 0.0])  # "object" key direction
+V = torch.tensor([0.0, 1.0, 0.0, 0.0])
+
+
+def build_qk(keys: torch.Tensor, cls_aff: torch.Tensor, heads: int = 3):
+    """q/k (heads, 1 + n, 4) whose CLS affinity per head equals ``cls_aff[h]`` and keys ``keys``.
+
+    The CLS query reads only dimension 3: q_cls = 1000 e3 and k_p[3] = affinity(p) / 1000, so the
+    CLS affinity is exact while the key-key affinity G is (up to 1e-5) that of ``keys``.
+    """
+    n = keys.shape[0]
+    q = torch.zeros(heads, 1 + n, 4)
+    k = torch.zeros(heads, 1 + n, 4)
+    q[:, 0, 3] = 1000.0
+    for h in range(heads):
+        k[h, 1:, :3] = keys[:, :3]
+        k[h, 1:, 3] = cls_aff[h] / 1000.0
+    return q, k
+
+
+def scene(gh=8, gw=8):
+    """Object = 3x3 block at rows 1-3, cols 1-3; same-looking blob at rows 6-7, cols 6-7;
+    a single object-like patch at (4, 4) touching the object only diagonally."""
+    keys = torch.zeros(gh, gw, 4)
+    keys[...] = -U * 0.5 + V * 0.3
+    obj = torch.zeros(gh, gw, dtype=torch.bool)
+    obj[1:4, 1:4] = True
+    blob = torch.zeros_like(obj)
+    blob[6:8, 6:8] = True
+    diag = torch.zeros_like(obj)
+    diag[4, 4] = True
+    keys[obj | blob | diag] = U
+    aff = torch.full((gh, gw), 0.05)
+    aff[obj] = torch.linspace(1.0, 2.0, int(obj.sum()))
+    aff[blob] = 0.3
+    aff[diag] = 0.2
+    return keys.reshape(-1, 4), aff.reshape(-1), obj
+
+
+def test_mass_threshold_keeps_top_half_of_mass():
+    values = torch.tensor([3.0, 1.0, 4.0, 2.0])  # sorted 1,2,3,4 -> cum 0.1,0.3,0.6,1.0
+    assert mass_threshold(values, 0.5).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert mass_threshold(values, 0.8).tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_known_scene_gives_the_object_block():
+    keys, aff, obj = scene()
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (8, 8))
+    assert pm.mask.tolist() == obj.numpy().tolist()  # blob and diagonal patch removed
+    assert pm.seed == int(torch.argmax(aff))
+    assert np.allclose(pm.cls_affinity.ravel(), aff.numpy())
+
+
+def test_connected_component_is_4_connected():
+    keys, aff, obj = scene()
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (8, 8))
+    assert not pm.mask[4, 4]  # touches (3, 3) only diagonally
+    assert not pm.mask[6:8, 6:8].any()
+
+
+def test_first_heads_only_define_the_cls_affinity():
+    keys, aff, obj = scene()
+    other = torch.full_like(aff, 0.05)
+    other[6 * 8 + 6] = 50.0  # the last head loves the blob
+    per_head = torch.stack([aff, aff, other])
+    q, k = build_qk(keys, per_head)
+    default = mask_from_qk(q, k, (8, 8))  # heads 0 and 1 only
+    assert default.mask.tolist() == obj.numpy().tolist()
+    all_heads = mask_from_qk(q, k, (8, 8), MiningParams(cls_heads=3))
+    assert all_heads.seed == 6 * 8 + 6
+    assert all_heads.mask[6:8, 6:8].all() and not all_heads.mask[1:4, 1:4].any()
+
+
+def test_seed_is_top1_of_the_mass_masked_affinity():
+    keys, aff, _ = scene()
+    aff = aff.clone()
+    aff[0] = 1.5  # background patch with high affinity, but its key points away from the object
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (8, 8))
+    assert pm.seed == int(torch.argmax(aff))  # the object's best patch (2.0) still wins
+    aff[0] = 9.0
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (8, 8))
+    assert pm.seed == 0
+
+
+def test_expansion_drops_proposals_dissimilar_to_the_seed():
+    # 1x6 strip: patches 0-2 object (key U), 3-5 background (key -U). Background patches get the
+    # second-highest affinities, so they are proposals, but G[s, p] < 0 removes them.
+    keys = torch.stack([U, U, U, -U, -U, -U])
+    aff = torch.tensor([5.0, 0.1, 0.1, 4.0, 4.0, 4.0])
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (1, 6), MiningParams(proposal_ratio=0.7))
+    assert pm.seed == 0
+    assert pm.mask.ravel().tolist() == [True, True, True, False, False, False]
+
+
+def test_proposal_count_limits_the_expansion():
+    # Patches 0-3 point along U, patch 4-7 along U+V/2 (similar to U, weaker affinity).
+    # With 2 proposals only U patches vote; the potential is still positive on 4-7 (U.(U+V/2) > 0).
+    keys = torch.stack([U] * 4 + [U + V * 0.5] * 4 + [-U] * 2)
+    aff = torch.tensor([4.0, 3.9, 3.8, 3.7, 0.3, 0.3, 0.3, 0.3, 0.01, 0.01])
+    q, k = build_qk(keys, aff.expand(3, -1))
+    pm = mask_from_qk(q, k, (1, 10), MiningParams(proposal_ratio=0.2))  # int(0.2 * 10) = 2
+    assert pm.mask.ravel().tolist() == [True] * 8 + [False] * 2
+    # A proposal set dominated by -U patches flips the potential: use a seed among them.
+    aff2 = torch.tensor([0.01] * 8 + [4.0, 3.0])
+    q, k = build_qk(keys, aff2.expand(3, -1))
+    pm2 = mask_from_qk(q, k, (1, 10), MiningParams(proposal_ratio=0.2))
+    assert pm2.mask.ravel().tolist() == [False] * 8 + [True] * 2
+
+
+def test_cls_heads_outside_range_names_the_key():
+    keys, aff, _ = scene()
+    q, k = build_qk(keys, aff.expand(3, -1))
+    with pytest.raises(ValueError, match="mining.cls_heads"):
+        mask_from_qk(q, k, (8, 8), MiningParams(cls_heads=4))
+
+
+def test_upsample_nearest_through_resized_frame():
+    pm = np.array([[1, 0, 1], [0, 1, 0]], bool)
+    # 2x3 patches of 16 px -> padded 32x48; resized image 32x40 (last column partly padding);
+    # original 64x80 = resized x2.
+    up = upsample_patch_mask(pm, 16, (32, 40), (64, 80))
+    assert up.shape == (64, 80)
+    expected = np.kron(pm, np.ones((32, 32), bool))[:, :80]
+    assert (up == expected).all()
+
+
+def _write_images(folder: Path, sizes):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes):
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        arr[h // 4: h // 2, w // 4: w // 2] = 255
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+
+
+def test_mine_shard_writes_full_size_masks(tmp_path):
+    from maskdistill.images import list_image_folder
+    from maskdistill.mining import mine_shard
+    from maskdistill.storage import read_mask_shard
+
+    _write_images(tmp_path / "imgs", [(40, 56), (40, 56), (33, 20)])
+    records = list_image_folder(tmp_path / "imgs")
+    cfg = {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 48, "cls_heads": None,
+           "mass": 0.5, "proposal_ratio": 0.4, "batch_size": 2}
+    out = tmp_path / "shard.h5"
+    stats = mine_shard(records, out, cfg, torch.device("cpu"))
+    assert stats["images"] == 3
+    items = {it.key: it for it in read_mask_shard(out)}
+    assert set(items) == {"img0", "img1", "img2"}
+    assert items["img2"].mask.shape == (33, 20)
+    for it in items.values():
+        assert it.mask.any()
+        ys, xs = np.nonzero(it.mask)
+        assert it.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert it.patch_mask.reshape(-1)[it.seed]
+    assert not list(tmp_path.glob(".shard*"))  # no temporary file left behind
+
+
+def test_failed_shard_leaves_no_file(tmp_path):
+    from maskdistill.images import ImageReadError, list_image_folder
+    from maskdistill.mining import mine_shard
+
+    _write_images(tmp_path / "imgs", [(32, 32), (32, 32)])
+    (tmp_path / "imgs" / "img9.png").write_bytes(b"not an image")
+    records = list_image_folder(tmp_path / "imgs")
+    cfg = {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 32, "mass": 0.5,
+           "proposal_ratio": 0.4}
+    out = tmp_path / "shard.h5"
+    with pytest.raises(ImageReadError, match="img9.png"):
+        mine_shard(records, out, cfg, torch.device("cpu"))
+    assert not out.exists() and not list(tmp_path.glob(".shard*"))
+    stats = mine_shard(records, out, cfg, torch.device("cpu"), on_bad_image="skip")
+    assert stats == {**stats, "images": 2, "skipped": 1}
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    from maskdistill.storage import CorruptFileError, read_mask_shard
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(CorruptFileError, match="bad.h5"):
+        read_mask_shard(bad)

@@ -1,0 +1,281 @@
+"""Stage 4: hard pixel loss, dilated DeepLab-v3, MoCo loading, training/resume and prediction."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from maskdistill.images import ImageRecord
+from maskdistill.segmentation import (
+    SegmentationDataset,
+    build_deeplabv3,
+    hard_pixel_cross_entropy,
+    predict_segmentation,
+    train_segmentation,
+)
+from maskdistill.storage import read_label_png, write_label_png
+from maskdistill.training import load_checkpoint
+
+# ---------------------------------------------------------------- loss
+
+
+def _logits_with_losses(losses: np.ndarray) -> torch.Tensor:
+    """Two-class logits whose CE against target 0 is exactly ``losses`` (per pixel)."""
+    # CE(target 0) = log(1 + exp(z1 - z0)) -> z1 - z0 = log(exp(loss) - 1)
+    diff = np.log(np.expm1(losses))
+    z = np.stack([np.zeros_like(diff), diff], axis=1)  # (B, 2, H, W)
+    return torch.tensor(z, dtype=torch.float64, requires_grad=True)
+
+
+def test_hard_pixel_loss_keeps_exactly_the_top_fraction():
+    losses = np.arange(1, 21, dtype=np.float64).reshape(2, 2, 5) * 0.1  # 0.1 .. 2.0, 20 pixels
+    logits = _logits_with_losses(losses)
+    target = torch.zeros(2, 2, 5, dtype=torch.long)
+    # 20% of 20 valid pixels -> k = 4: the losses 2.0, 1.9, 1.8, 1.7
+    got = hard_pixel_cross_entropy(logits, target, 0.2)
+    assert got.item() == pytest.approx((2.0 + 1.9 + 1.8 + 1.7) / 4, abs=1e-9)
+    # 0.33 * 20 = 6.6 -> int -> 6
+    got = hard_pixel_cross_entropy(logits, target, 0.33)
+    assert got.item() == pytest.approx(np.mean([2.0, 1.9, 1.8, 1.7, 1.6, 1.5]), abs=1e-9)
+    # tiny fraction still keeps one pixel
+    assert hard_pixel_cross_entropy(logits, target, 0.01).item() == pytest.approx(2.0, abs=1e-9)
+    got.backward()
+    grads = logits.grad.abs().sum(1)  # only the selected pixels receive gradient
+    assert int((grads > 0).sum()) == 6
+
+
+def test_hard_pixel_loss_never_selects_ignored_pixels():
+    losses = np.arange(1, 21, dtype=np.float64).reshape(2, 2, 5) * 0.1
+    logits = _logits_with_losses(losses)
+    target = torch.zeros(2, 2, 5, dtype=torch.long)
+    target[1, 1] = 255  # ignore the 5 largest losses (1.6 .. 2.0)
+    # 15 valid pixels, k = int(0.2 * 15) = 3: 1.5, 1.4, 1.3
+    got = hard_pixel_cross_entropy(logits, target, 0.2)
+    assert got.item() == pytest.approx((1.5 + 1.4 + 1.3) / 3, abs=1e-9)
+
+
+def test_hard_pixel_loss_fraction_one_is_plain_ce_and_all_ignored_is_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 7, requires_grad=True)
+    target = torch.randint(0, 4, (2, 6, 7))
+    target[0, :3] = 255
+    plain = F.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(hard_pixel_cross_entropy(logits, target, 1.0), plain, atol=1e-6)
+    empty = hard_pixel_cross_entropy(logits, torch.full_like(target, 255), 0.2)
+    assert empty.item() == 0.0 and empty.grad_fn is not None
+    empty.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("stride", [8, 16])
+def test_output_stride(arch, stride):
+    model = build_deeplabv3(arch, 3, output_stride=stride, frozen_stages=0).eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.zeros(1, 3, 64, 48))["out"]
+        out = model(torch.zeros(1, 3, 64, 48))["out"]
+    assert feats.shape[-2:] == (64 // stride, 48 // stride)
+    assert out.shape == (1, 3, 64, 48)
+
+
+def test_basic_block_dilation_follows_torchvision_convention():
+    model = build_deeplabv3("resnet18", 2, output_stride=8, frozen_stages=0)
+    b = model.backbone
+    assert b.layer2[0].conv1.stride == (2, 2)  # layer2 keeps its stride
+    assert b.layer3[0].conv1.stride == (1, 1) and b.layer3[0].downsample[0].stride == (1, 1)
+    assert b.layer3[0].conv1.dilation == (1, 1) and b.layer3[0].conv2.dilation == (2, 2)
+    assert b.layer3[1].conv1.dilation == (2, 2)
+    assert b.layer4[0].conv1.dilation == (2, 2) and b.layer4[1].conv2.dilation == (4, 4)
+    assert b.layer4[1].conv2.padding == (4, 4)
+
+
+def test_frozen_stages_have_no_grad_and_eval_batchnorm():
+    model = build_deeplabv3("resnet18", 3, frozen_stages=2)
+    model.train()
+    b = model.backbone
+    for name in ("conv1", "bn1", "layer1", "layer2"):
+        assert all(not p.requires_grad for p in b[name].parameters()), name
+        assert all(not m.training for m in b[name].modules()), name
+    bns = [m for n in ("bn1", "layer1", "layer2") for m in b[n].modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 1 + 4 + 5  # stem BN, layer1 (2 blocks x 2), layer2 (2 x 2 + downsample)
+    for name in ("layer3", "layer4"):
+        assert all(p.requires_grad for p in b[name].parameters())
+        assert all(m.training for m in b[name].modules())
+    assert model.classifier.training
+    # frozen BN running statistics do not move in a training forward pass
+    before = b.layer1[0].bn1.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(before, b.layer1[0].bn1.running_mean)
+    assert not torch.equal(b.layer3[0].bn1.running_mean, torch.zeros(256))
+
+
+@pytest.mark.parametrize("prefix", ["module.encoder_q.", "module.base_encoder."])
+def test_moco_layouts_load_into_backbone(tmp_path, prefix):
+    import torchvision
+
+    torch.manual_seed(1)
+    src = torchvision.models.resnet18(weights=None)
+    state = {prefix + k: v for k, v in src.state_dict().items()}
+    state[prefix + "fc.0.weight"] = torch.randn(7, 512)  # MoCo MLP head, must be dropped
+    other = "module.encoder_k." if "encoder_q" in prefix else "module.momentum_encoder."
+    state.update({other + k: torch.zeros_like(v) for k, v in src.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 16)
+    path = tmp_path / "moco.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+
+    model = build_deeplabv3("resnet18", 3, pretrained_backbone=str(path))
+    got = model.backbone.state_dict()
+    for k, v in src.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(got[k], v), k
+
+
+def test_plain_torchvision_weights_load_and_bad_path_is_named(tmp_path):
+    import torchvision
+
+    src = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    model = build_deeplabv3("resnet18", 3, pretrained_backbone=str(path))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        build_deeplabv3("resnet18", 3, pretrained_backbone=str(tmp_path / "nothere.pth"))
+    junk = tmp_path / "junk.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, junk)
+    with pytest.raises(ValueError, match="junk.pth"):
+        build_deeplabv3("resnet18", 3, pretrained_backbone=str(junk))
+
+
+# ---------------------------------------------------------------- data, training, prediction
+
+
+def _square_data(root: Path, n: int = 6, hw: tuple[int, int] = (40, 48)) -> list[ImageRecord]:
+    """Dark images with one bright square labelled 1 (sub-folder keys included)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        h, w = hw
+        img = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+        lab = np.zeros((h, w), np.uint8)
+        s = int(rng.integers(12, 20))
+        y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+        img[y:y + s, x:x + s] = rng.integers(200, 256, (s, s, 3), dtype=np.uint8)
+        lab[y:y + s, x:x + s] = 1
+        key = f"sub/img{i}"
+        path = root / "images" / f"{key}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, quality=95)
+        write_label_png(root / "labels" / f"{key}.png", lab)
+        records.append(ImageRecord(key=key, path=path))
+    return records
+
+
+def _cfg(**over) -> dict:
+    cfg = dict(arch="resnet18", output_stride=8, atrous_rates=[1, 2, 3], pretrained_backbone=None,
+               frozen_stages=1, num_classes=2, epochs=2, batch_size=2, lr=0.01, momentum=0.9,
+               weight_decay=1e-4, lr_drop_epochs=[1], crop_size=32, scale_range=[0.75, 1.25],
+               rotation_degrees=5, hard_pixel_fraction=0.2, test_short_side=None, num_workers=0,
+               log_every=1, seed=3)
+    cfg.update(over)
+    return cfg
+
+
+def test_dataset_augmentation_is_deterministic_and_well_formed(tmp_path):
+    records = _square_data(tmp_path, n=2)
+    ds = SegmentationDataset(records, tmp_path / "labels", 56, (0.75, 1.25), 5, seed=0)
+    ds.set_epoch(1)
+    img, lab = ds[0]
+    img2, lab2 = ds[0]
+    assert img.shape == (3, 56, 56) and lab.shape == (56, 56) and lab.dtype == torch.int64
+    assert torch.equal(img, img2) and torch.equal(lab, lab2)
+    assert set(lab.unique().tolist()) <= {0, 1, 255}
+    # crop (56) taller than any scaled image (<= 50): the bottom row is padding, ignore label and
+    # the mean colour (0 after normalisation)
+    assert (lab[-1] == 255).all() and img[:, -1].abs().max() == 0
+    ds.set_epoch(2)
+    assert not torch.equal(ds[0][0], img)  # a new epoch draws new augmentations
+
+
+def _losses(caplog) -> list[float]:
+    return [float(m) for m in re.findall(r"loss=([0-9.]+)", caplog.text)]
+
+
+def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog):
+    torch.set_num_threads(2)
+    records = _square_data(tmp_path, n=6)
+    # plain CE (fraction 1) so the logged loss is comparable from step to step
+    cfg = _cfg(epochs=8, lr=0.02, lr_drop_epochs=[6], hard_pixel_fraction=1.0)
+    out = tmp_path / "model.pt"
+    with caplog.at_level(logging.INFO, logger="maskdistill"):
+        train_segmentation(records, tmp_path / "labels", tmp_path / "ckpt", out, cfg,
+                           torch.device("cpu"))
+    losses = _losses(caplog)
+    assert len(losses) == 8 * 3  # 6 images / batch 2 = 3 steps per epoch, one line each
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    state = load_checkpoint(out)
+    assert state["num_classes"] == 2 and set(state) >= {"state_dict", "cfg"}
+
+    pred_dir = tmp_path / "pred"
+    val = [ImageRecord(key=r.key, path=r.path) for r in records[:2]]
+    predict_segmentation(out, val, pred_dir, dict(cfg, test_short_side=48), torch.device("cpu"))
+    for r in val:
+        lab = read_label_png(pred_dir / f"{r.key}.png")
+        gt = read_label_png(tmp_path / "labels" / f"{r.key}.png")
+        assert lab.shape == (40, 48)
+        assert lab.max() <= 1
+        # the bright square is predicted foreground far more often than the dark background
+        assert (lab[gt == 1] == 1).mean() > (lab[gt == 0] == 1).mean() + 0.3
+    # resume=True skips existing outputs; default overwrites
+    marker = np.full((40, 48), 1, np.uint8)
+    write_label_png(pred_dir / f"{val[0].key}.png", marker)
+    predict_segmentation(out, val, pred_dir, cfg, torch.device("cpu"), resume=True)
+    assert (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
+    predict_segmentation(out, val, pred_dir, cfg, torch.device("cpu"))
+    assert not (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, caplog):
+    torch.set_num_threads(2)
+    records = _square_data(tmp_path, n=4)
+    labels = tmp_path / "labels"
+    cpu = torch.device("cpu")
+    cfg = _cfg(epochs=2)
+    train_segmentation(records, labels, tmp_path / "a", tmp_path / "a.pt", cfg, cpu)
+    # "interrupted" run: stop after epoch 1, then rerun with the full schedule
+    train_segmentation(records, labels, tmp_path / "b", tmp_path / "b1.pt", dict(cfg, epochs=1),
+                       cpu)
+    with caplog.at_level(logging.INFO, logger="maskdistill"):
+        train_segmentation(records, labels, tmp_path / "b", tmp_path / "b.pt", cfg, cpu)
+    assert "resuming segmentation training" in caplog.text
+    assert len(_losses(caplog)) == 2  # only epoch 2 ran (2 steps)
+    last_a = load_checkpoint(tmp_path / "a" / "last.pt")
+    last_b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert last_a["global_step"] == last_b["global_step"] == 4 and last_b["epoch"] == 2
+    # CPU kernels are deterministic here, so the weights match exactly
+    wa = load_checkpoint(tmp_path / "a.pt")["state_dict"]
+    wb = load_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # and resumed runs differ from the 1-epoch model (training did happen)
+    w1 = load_checkpoint(tmp_path / "b1.pt")["state_dict"]
+    assert not torch.equal(w1["classifier.4.weight"], wb["classifier.4.weight"])
+
+
+def test_missing_label_file_is_named(tmp_path):
+    records = _square_data(tmp_path, n=2)
+    (tmp_path / "labels" / "sub" / "img1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sub/img1\.png"):
+        train_segmentation(records, tmp_path / "labels", tmp_path / "c", tmp_path / "m.pt", _cfg(),
+                           torch.device("cpu"))
