@@ -5,6 +5,13 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    split="train|val",
+    shard=r"\d{3}",
+
+
 include: "rules/demo.smk"
 include: "rules/mine.smk"
 include: "rules/cluster.smk"

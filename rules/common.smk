@@ -30,11 +30,6 @@ NUM_LABELS = config["clustering"]["num_clusters"] * config["clustering"]["overcl
 EVAL_SPLITS = [s for s in ("train", "val") if s in SPLITS]
 
 
-wildcard_constraints:
-    split="train|val",
-    shard=r"\d{3}",
-
-
 def members(wildcards):
     return shard_members(SPLITS[wildcards.split], wildcards.shard, NUM_SHARDS)
 
@@ -55,7 +50,7 @@ def shard_files(kind, split):
 
 
 def cfg(*sections, only=()):
-    """Config sections a rule depends on, as JSON: Snakemake compares them to decide reruns."""
+    """The config sections a job reads, as JSON (Snakemake compares params to decide reruns)."""
     return rule_config(config, *sections, only=only)
 
 
