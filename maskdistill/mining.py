@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,18 @@ def _decode(record: ImageRecord, short_side: int, patch: int) -> _Decoded:
     return _Decoded(record, pad_to_multiple(to_tensor(rgb, size), patch), rgb.shape[:2], size)
 
 
+def _prefetch(pool: ThreadPoolExecutor, records: list[ImageRecord], short_side: int, patch: int,
+              ahead: int) -> Iterator[_Decoded]:
+    """Decode in background threads, at most ``ahead`` images in advance (bounded memory)."""
+    pending: deque[Future[_Decoded]] = deque()
+    for record in records:
+        pending.append(pool.submit(_decode, record, short_side, patch))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Decoded]]:
     """Group consecutive images of equal padded size (a batch is one forward pass)."""
     batch: list[_Decoded] = []
@@ -152,7 +165,8 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, cfg.get("decode_threads", 1))) as pool, \
             MaskShardWriter(out_path, attrs) as writer:
-        decoded = pool.map(lambda r: _decode(r, cfg["short_side"], patch), records)
+        ahead = 2 * max(cfg.get("batch_size", 1), cfg.get("decode_threads", 1))
+        decoded = _prefetch(pool, records, cfg["short_side"], patch, ahead)
         for batch in _batches(decoded, cfg.get("batch_size", 1)):
             if batch[0].tensor is None:
                 if on_bad_image == "fail":

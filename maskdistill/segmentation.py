@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from maskdistill.backbone import load_resnet_weights
+from maskdistill.config import section_defaults
 from maskdistill.images import ImageRecord, read_rgb, resized_hw, to_tensor
 from maskdistill.storage import IGNORE_LABEL, read_label_png, write_label_png
 from maskdistill.training import (
@@ -134,10 +135,11 @@ def build_deeplabv3(arch: str, num_classes: int, output_stride: int = 8,
 
 
 def _model_from_cfg(cfg: dict[str, Any], num_classes: int, load_pretrained: bool) -> nn.Module:
+    cfg = {**section_defaults("segmentation"), **cfg}
     return build_deeplabv3(
-        cfg.get("arch", "resnet50"), num_classes, cfg.get("output_stride", 8),
-        cfg.get("atrous_rates", (12, 24, 36)),
-        cfg.get("pretrained_backbone") if load_pretrained else None, cfg.get("frozen_stages", 2))
+        cfg["arch"], num_classes, cfg["output_stride"],
+        cfg["atrous_rates"],
+        cfg.get("pretrained_backbone") if load_pretrained else None, cfg["frozen_stages"])
 
 
 # ---------------------------------------------------------------- data
@@ -235,12 +237,13 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
                        out_model: Path, cfg: dict[str, Any], device: torch.device) -> None:
     """Train DeepLab-v3 on ``{labels_dir}/{key}.png``; resumable from ``checkpoint_dir/last.pt``."""
     labels_dir, checkpoint_dir = Path(labels_dir), Path(checkpoint_dir)
+    cfg = {**section_defaults("segmentation"), **cfg}
     _check_labels(records, labels_dir)
     num_classes = int(cfg["num_classes"])
-    epochs = int(cfg.get("epochs", 45))
-    batch_size = int(cfg.get("batch_size", 16))
-    seed = int(cfg.get("seed", 0))
-    fraction = float(cfg.get("hard_pixel_fraction", 0.2))
+    epochs = int(cfg["epochs"])
+    batch_size = int(cfg["batch_size"])
+    seed = int(cfg["seed"])
+    fraction = float(cfg["hard_pixel_fraction"])
     batch_size = min(batch_size, len(records))
     if batch_size < 2:
         raise ValueError("segmentation training needs batches of at least 2 images (BatchNorm in "
@@ -250,15 +253,15 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
     seed_everything(seed)
     model = _model_from_cfg(cfg, num_classes, load_pretrained=True).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(cfg.get("lr", 0.002)),
-                                momentum=float(cfg.get("momentum", 0.9)),
-                                weight_decay=float(cfg.get("weight_decay", 1e-4)))
+    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]),
+                                momentum=float(cfg["momentum"]),
+                                weight_decay=float(cfg["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[int(e) for e in cfg.get("lr_drop_epochs", [])], gamma=0.1)
+        optimizer, milestones=[int(e) for e in cfg["lr_drop_epochs"]], gamma=0.1)
 
-    dataset = SegmentationDataset(records, labels_dir, int(cfg.get("crop_size", 512)),
-                                  cfg.get("scale_range", (0.75, 1.25)),
-                                  float(cfg.get("rotation_degrees", 5.0)), seed)
+    dataset = SegmentationDataset(records, labels_dir, int(cfg["crop_size"]),
+                                  cfg["scale_range"],
+                                  float(cfg["rotation_degrees"]), seed)
     steps_per_epoch = len(records) // batch_size  # drop_last: BatchNorm needs full batches
     start_epoch, global_step = 0, 0
     last = checkpoint_dir / "last.pt"
@@ -275,8 +278,8 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
         log.info("segmentation training from scratch: %d images, %d epochs x %d steps",
                  len(records), epochs, steps_per_epoch)
 
-    progress = ProgressLog(epochs * steps_per_epoch, int(cfg.get("log_every", 20)), "segmentation")
-    num_workers = int(cfg.get("num_workers", 0))
+    progress = ProgressLog(epochs * steps_per_epoch, int(cfg["log_every"]), "segmentation")
+    num_workers = int(cfg["num_workers"])
     model.train()
     for epoch in range(start_epoch, epochs):
         dataset.set_epoch(epoch)

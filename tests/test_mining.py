@@ -196,3 +196,19 @@ def test_truncated_shard_is_refused(tmp_path):
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(CorruptFileError, match="bad.h5"):
         read_mask_shard(bad)
+
+
+def test_decoding_runs_a_bounded_number_of_images_ahead(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from maskdistill import mining
+    from maskdistill.images import ImageRecord
+
+    started = []
+    monkeypatch.setattr(mining, "_decode", lambda r, s, p: started.append(r.key) or r.key)
+    records = [ImageRecord(key=f"k{i}", path=Path(f"k{i}.png")) for i in range(50)]
+    with ThreadPoolExecutor(2) as pool:
+        stream = mining._prefetch(pool, records, 32, 16, ahead=4)
+        first = next(stream)
+        assert first == "k0" and len(started) <= 5  # never the whole shard in memory
+        assert [first, *stream] == [r.key for r in records]  # order kept
