@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from importlib import resources
@@ -113,6 +114,11 @@ def weight_notes(cfg: dict[str, Any]) -> list[str]:
     return notes
 
 
+@functools.cache
+def _all_defaults() -> dict[str, Any]:
+    return validate_config({})
+
+
 def section_defaults(section: str) -> dict[str, Any]:
-    """The default values of one top-level config section."""
-    return validate_config({})[section]
+    """The default values of one top-level config section (a fresh copy)."""
+    return copy.deepcopy(_all_defaults()[section])

@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 
 from maskdistill.backbone import create_vit, last_block_qk, patch_size
+from maskdistill.config import section_defaults
 from maskdistill.images import (
     ImageReadError,
     ImageRecord,
@@ -153,21 +154,22 @@ def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Dec
 def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
                device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
     """Mine every image of a shard into one HDF5 file; returns counts and timings."""
+    cfg = {**section_defaults("mining"), **cfg}
     bb = cfg["backbone"]
     model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
     patch = patch_size(model)
-    params = MiningParams(cfg.get("cls_heads"), cfg["mass"], cfg["proposal_ratio"])
+    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"])
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
              "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}
     skipped: list[str] = []
     start = time.perf_counter()
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, cfg.get("decode_threads", 1))) as pool, \
+    with ThreadPoolExecutor(max_workers=cfg["decode_threads"]) as pool, \
             MaskShardWriter(out_path, attrs) as writer:
-        ahead = 2 * max(cfg.get("batch_size", 1), cfg.get("decode_threads", 1))
+        ahead = 2 * max(cfg["batch_size"], cfg["decode_threads"])
         decoded = _prefetch(pool, records, cfg["short_side"], patch, ahead)
-        for batch in _batches(decoded, cfg.get("batch_size", 1)):
+        for batch in _batches(decoded, cfg["batch_size"]):
             if batch[0].tensor is None:
                 if on_bad_image == "fail":
                     raise ImageReadError(batch[0].error)
@@ -185,7 +187,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
                                         box=mask_to_box(mask), patch_mask=pm.mask,
                                         cls_affinity=pm.cls_affinity, seed=pm.seed))
             done += len(batch)
-            if done % cfg.get("log_every", 20) < len(batch) or done == len(records):
+            if done % cfg["log_every"] < len(batch) or done == len(records):
                 rate = (time.perf_counter() - start) / done
                 log.info("mined %d/%d images, %.3f s/img", done, len(records), rate)
         writer.set_skipped(skipped)

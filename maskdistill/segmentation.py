@@ -137,9 +137,8 @@ def build_deeplabv3(arch: str, num_classes: int, output_stride: int = 8,
 def _model_from_cfg(cfg: dict[str, Any], num_classes: int, load_pretrained: bool) -> nn.Module:
     cfg = {**section_defaults("segmentation"), **cfg}
     return build_deeplabv3(
-        cfg["arch"], num_classes, cfg["output_stride"],
-        cfg["atrous_rates"],
-        cfg.get("pretrained_backbone") if load_pretrained else None, cfg["frozen_stages"])
+        cfg["arch"], num_classes, cfg["output_stride"], cfg["atrous_rates"],
+        cfg["pretrained_backbone"] if load_pretrained else None, cfg["frozen_stages"])
 
 
 # ---------------------------------------------------------------- data
@@ -253,14 +252,12 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
     seed_everything(seed)
     model = _model_from_cfg(cfg, num_classes, load_pretrained=True).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]),
-                                momentum=float(cfg["momentum"]),
+    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                 weight_decay=float(cfg["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[int(e) for e in cfg["lr_drop_epochs"]], gamma=0.1)
 
-    dataset = SegmentationDataset(records, labels_dir, int(cfg["crop_size"]),
-                                  cfg["scale_range"],
+    dataset = SegmentationDataset(records, labels_dir, int(cfg["crop_size"]), cfg["scale_range"],
                                   float(cfg["rotation_degrees"]), seed)
     steps_per_epoch = len(records) // batch_size  # drop_last: BatchNorm needs full batches
     start_epoch, global_step = 0, 0
