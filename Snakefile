@@ -13,12 +13,16 @@ wildcard_constraints:
 
 
 include: "rules/demo.smk"
+include: "rules/datasets.smk"
+include: "rules/pretrain.smk"
 include: "rules/mine.smk"
 include: "rules/cluster.smk"
 include: "rules/detect.smk"
 include: "rules/pseudo_labels.smk"
 include: "rules/segment.smk"
 include: "rules/evaluate.smk"
+include: "rules/diagnostics.smk"
+include: "rules/report.smk"
 
 
 rule all:

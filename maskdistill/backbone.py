@@ -9,9 +9,30 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 log = logging.getLogger("maskdistill")
+
+DEMO_VIT = "vit_demo_patch8_128"
+
+# timm registry entry for a small ViT that trains on CPUs (pretrain.arch in the demo config).
+default_cfgs = generate_default_cfgs({
+    f"{DEMO_VIT}.untrained": {"num_classes": 0, "input_size": (3, 128, 128)},
+})
+
+
+@register_model
+def vit_demo_patch8_128(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Pico/8 (dim 192, depth 6, 3 heads, 4 register tokens, 2.7 M parameters) for 128 px
+    images. Registers (Darcet et al., 2024) give global information a place other than background
+    patches, which keeps the CLS attention on objects."""
+    args = {"img_size": 128, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3,
+            "reg_tokens": 4}
+    return build_model_with_cfg(VisionTransformer, DEMO_VIT, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **{**args, **kwargs})
+
 
 _WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
@@ -64,8 +85,10 @@ def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = Non
     name when ``pretrained``, else random initialisation.
     """
     check_vit_name(name)
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0,
-                              dynamic_img_size=True)
+    with torch.random.fork_rng(devices=[]):  # a random init is the same in every job and stage
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0,
+                                  dynamic_img_size=True)
     if not hasattr(model, "blocks") or not hasattr(model.blocks[-1].attn, "qkv"):
         raise ValueError(f"timm model '{name}' is not a ViT with fused qkv attention")
     if checkpoint:

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -76,6 +77,11 @@ def _check_semantics(cfg: dict[str, Any]) -> None:
         raise ConfigError("config key 'dataset.train.images': required when dataset.source is 'images'")
     if ds["val"].get("annotations") and not ds["val"].get("images"):
         raise ConfigError("config key 'dataset.val.images': required when val annotations are given")
+    required = {"voc": ("root",), "coco20k": ("images", "filenames")}.get(ds["source"], ())
+    for key in required:
+        if not ds[ds["source"]].get(key):
+            raise ConfigError(f"config key 'dataset.{ds['source']}.{key}': required when dataset.source "
+                              f"is '{ds['source']}'")
     demo = ds["demo"]
     if demo["min_objects"] > demo["max_objects"]:
         raise ConfigError("config key 'dataset.demo.min_objects': larger than max_objects")
@@ -85,6 +91,76 @@ def _check_semantics(cfg: dict[str, Any]) -> None:
     lo, hi = cfg["detector"]["train_min_size"]
     if lo > hi:
         raise ConfigError("config key 'detector.train_min_size': first value exceeds the second")
+
+
+# Local files and folders a config may name: (dotted key, "file" | "dir", when it applies).
+_PATH_KEYS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("mining.backbone.checkpoint", "file", None),
+    ("clustering.backbone.checkpoint", "file", None),
+    ("detector.pretrained_backbone", "file", None),
+    ("segmentation.pretrained_backbone", "file", None),
+    ("dataset.train.images", "images", ("images",)),
+    ("dataset.train.annotations", "file", ("images",)),
+    ("dataset.val.images", "images", ("images",)),
+    ("dataset.val.annotations", "file", ("images",)),
+    ("dataset.voc.root", "dir", ("voc",)),
+    ("dataset.voc.train_list", "file", ("voc",)),
+    ("dataset.coco20k.images", "dir", ("coco20k",)),
+    ("dataset.coco20k.filenames", "file", ("coco20k",)),
+    ("dataset.coco20k.annotations", "file", ("coco20k",)),
+)
+_TIMM_KEYS = ("mining.backbone.name", "clustering.backbone.name", "pretrain.arch")
+
+
+def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def reference_errors(cfg: dict[str, Any]) -> list[str]:
+    """What a validated config names that does not exist: timm models, files, image folders.
+
+    Paths are taken relative to the working directory (the workflow's). No file is downloaded:
+    model names are looked up in timm's registry (after the package's own ViTs are registered).
+    """
+    from maskdistill.backbone import check_vit_name  # registers the demo ViT with timm
+    from maskdistill.images import has_images
+
+    errors = []
+    for key in _TIMM_KEYS:
+        name = _lookup(cfg, key)
+        if isinstance(name, str):
+            try:
+                check_vit_name(name)
+            except ValueError as err:
+                errors.append(f"config key '{key}': {err}")
+    source = _lookup(cfg, "dataset.source")
+    produced = bool(_lookup(cfg, "pretrain.enabled"))  # the workflow writes the ViT weights itself
+    for key, kind, sources in _PATH_KEYS:
+        value = _lookup(cfg, key)
+        if not value or (sources is not None and source not in sources):
+            continue
+        if produced and key.endswith("backbone.checkpoint"):
+            continue
+        path = Path(value).expanduser()
+        if kind == "file" and not path.is_file():
+            errors.append(f"config key '{key}': file not found: {path}")
+        elif kind in ("dir", "images") and not path.is_dir():
+            errors.append(f"config key '{key}': folder not found: {path}")
+        elif kind == "images" and not has_images(path):
+            errors.append(f"config key '{key}': empty dataset, no images found in {path}")
+    return errors
+
+
+def check_references(cfg: dict[str, Any]) -> None:
+    """Raise ConfigError naming every key whose model name, file or folder does not exist."""
+    errors = reference_errors(cfg)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
 def load_config_file(path: str) -> dict[str, Any]:

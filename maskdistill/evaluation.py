@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,41 @@ log = logging.getLogger("maskdistill")
 
 MODES = ("iou", "confusion")
 BACKGROUND_NAME = "background"
+# PASCAL VOC class ids 0..20 (the order of the paper's per-class table).
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+# Published MaskDistill numbers (paper Tables 2, 6 and S2; see the reference facts), values in %.
+PAPER_VOC_PER_CLASS = {
+    "clustering": (84.4, 74.7, 27.9, 70.9, 47.5, 0.0, 72.8, 33.2, 72.4, 0.0, 70.0, 29.6, 38.1, 67.5,
+                   58.1, 28.1, 9.2, 65.8, 20.4, 65.5, 27.7),
+    "clustering+crf": (85.4, 80.3, 28.8, 74.7, 50.4, 0.0, 72.5, 52.1, 75.7, 0.0, 76.5, 28.6, 38.7,
+                       71.3, 63.8, 32.0, 11.2, 67.0, 20.5, 67.7, 28.7),
+    "linear": (88.1, 80.5, 30.9, 76.7, 58.2, 52.2, 75.7, 70.1, 82.7, 12.9, 73.3, 35.4, 78.8, 72.2,
+               62.1, 52.4, 27.9, 73.0, 19.7, 70.5, 39.0),
+    "linear+crf": (89.8, 83.1, 34.0, 85.9, 63.3, 45.0, 79.1, 70.1, 86.3, 16.9, 81.5, 38.1, 84.0, 74.9,
+                   69.7, 63.0, 31.3, 78.3, 23.3, 74.4, 46.1),
+}
+# (label, paper value, where this run's value comes from: stage names or extras paths, first found)
+PAPER_REFERENCE: dict[str, list[tuple[str, float, tuple[str, ...]]]] = {
+    "voc": [
+        ("clustering mIoU: initial ViT masks + K-means", 39.0, ("initial_masks",)),
+        ("clustering mIoU: Mask R-CNN masks", 42.0, ("maskrcnn",)),
+        ("clustering mIoU: segmentation model", 45.8, ("segmentation",)),
+        ("clustering mIoU: + CRF", 48.9, ("segmentation_crf+crf", "segmentation_crf",
+                                         "segmentation+crf")),
+        ("linear probe mIoU", 58.7, ("linear_probe.miou",)),
+        ("linear probe mIoU + CRF", 62.8, ("linear_probe.miou_crf",)),
+        ("mask AP50, single object", 35.5, ("mask_ap.single.AP50",)),
+        ("mask AP50, multi object", 26.0, ("mask_ap.multi.AP50",)),
+    ],
+    "coco20k": [
+        ("mask AP50, single object", 15.3, ("mask_ap.single.AP50",)),
+        ("mask AP50, multi object", 8.0, ("mask_ap.multi.AP50",)),
+    ],
+}
 
 
 # ---------------------------------------------------------------- confusion and matching
@@ -193,6 +229,90 @@ def _gt_images(coco: dict[str, Any], gt_coco_path: Path) -> list[dict[str, Any]]
     return sorted(images, key=lambda im: _key(im["file_name"]))
 
 
+# ---------------------------------------------------------------- ground-truth sources
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Ground-truth label maps of a split: keys, class names (index = label id), a loader.
+
+    ``load(key)`` returns the (H, W) uint8 label map (0 background, 1..C-1 classes, 255 ignore);
+    ``image_paths`` maps keys to their image files (for the figure).
+    """
+
+    keys: tuple[str, ...]
+    class_names: tuple[str, ...]
+    load: Callable[[str], np.ndarray]
+    image_paths: Mapping[str, Path]
+    source: str
+
+
+def coco_ground_truth(gt_coco_path: Path, images_root: Path) -> GroundTruth:
+    """Semantic ground truth pasted from a COCO instances file (categories in sorted-id order)."""
+    gt_coco_path = Path(gt_coco_path)
+    coco = read_json(gt_coco_path)
+    to_label, names = category_labels(coco)
+    index = _annotations_by_image(coco)
+    images = {_key(im["file_name"]): im for im in _gt_images(coco, gt_coco_path)}
+
+    def load(key: str) -> np.ndarray:
+        im = images[key]
+        return _paste_semantic(index.get(int(im["id"]), []), to_label, int(im["height"]),
+                               int(im["width"]), key)
+
+    paths = {k: Path(images_root) / im["file_name"] for k, im in images.items()}
+    return GroundTruth(tuple(images), tuple(names), load, paths, str(gt_coco_path))
+
+
+def folder_ground_truth(gt_dir: Path, class_names: Sequence[str] = VOC_CLASSES,
+                        image_paths: Mapping[str, Path] | None = None) -> GroundTruth:
+    """Semantic ground truth from ``gt_dir/<key>.png`` label maps (searched recursively).
+
+    Label ids index ``class_names`` (default: the 21 VOC classes); 255 is ignored. With
+    ``image_paths`` (key -> image file) the split's keys are scored: each needs ``<key>.png``, and
+    other maps in the folder (VOC's SegmentationClass also holds train) are ignored.
+    """
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"ground-truth label folder not found: {gt_dir}")
+    if len(class_names) < 2 or len(class_names) >= IGNORE_LABEL:
+        raise ValueError(f"ground truth needs 2..{IGNORE_LABEL - 1} class names, got {len(class_names)}")
+    paths = dict(image_paths or {})
+    if image_paths is not None:
+        keys = sorted(paths)
+        missing = [k for k in keys if not (gt_dir / f"{k}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{gt_dir}: {len(missing)} images of the split have no label map, "
+                                    f"e.g. '{missing[0]}.png'")
+    else:
+        keys = sorted(p.relative_to(gt_dir).as_posix()[: -len(".png")] for p in gt_dir.rglob("*.png")
+                      if not p.name.startswith("."))
+    if not keys:
+        raise ValueError(f"{gt_dir}: no label PNGs")
+
+    def load(key: str) -> np.ndarray:
+        return read_label_png(gt_dir / f"{key}.png")
+
+    return GroundTruth(tuple(keys), tuple(str(n) for n in class_names), load, paths, str(gt_dir))
+
+
+def read_class_names(text: str) -> list[str]:
+    """Class names from a COCO instances file (categories in id order), a text file (one per line)
+    or a comma-separated list; background first."""
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        return category_labels(read_json(path))[1]
+    names = path.read_text().splitlines() if path.is_file() else text.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if len(names) < 2:
+        raise ValueError(f"class names {text!r}: need background plus at least one class")
+    return names
+
+
+def _as_ground_truth(gt: Path | GroundTruth, images_root: Path) -> GroundTruth:
+    return gt if isinstance(gt, GroundTruth) else coco_ground_truth(Path(gt), Path(images_root))
+
+
 # ---------------------------------------------------------------- evaluating stages
 
 
@@ -208,41 +328,41 @@ def _read_prediction(pred_dir: Path, key: str, stage: str, shape: tuple[int, int
 
 
 def _confusions(
-    stages: dict[str, Path], coco: dict[str, Any], gt_coco_path: Path, num_pred: int
+    stages: dict[str, Path], gt: GroundTruth, num_pred: int
 ) -> tuple[dict[str, np.ndarray], list[str], int]:
-    """One pass over the GT images accumulating a confusion matrix per stage."""
-    to_label, names = category_labels(coco)
+    """One pass over the GT label maps accumulating a confusion matrix per stage."""
+    names = list(gt.class_names)
     num_gt = len(names)
-    index = _annotations_by_image(coco)
     confs = {s: np.zeros((num_pred, num_gt), dtype=np.int64) for s in stages}
-    images = _gt_images(coco, gt_coco_path)
-    for im in images:
-        key = _key(im["file_name"])
-        gt = _paste_semantic(index.get(int(im["id"]), []), to_label, int(im["height"]),
-                             int(im["width"]), key)
+    for key in gt.keys:
+        labels = gt.load(key)
         for stage, pred_dir in stages.items():
-            pred = _read_prediction(pred_dir, key, stage, gt.shape)
+            pred = _read_prediction(pred_dir, key, stage, labels.shape)
             try:
-                confs[stage] += confusion_matrix(pred, gt, num_pred, num_gt)
+                confs[stage] += confusion_matrix(pred, labels, num_pred, num_gt)
             except ValueError as err:
-                raise ValueError(f"stage '{stage}', {Path(pred_dir) / (key + '.png')}: {err}") \
-                    from err
-    return confs, names, len(images)
+                raise ValueError(f"stage '{stage}', {Path(pred_dir) / (key + '.png')} vs ground "
+                                 f"truth '{key}' of {gt.source}: {err}") from err
+    return confs, names, len(gt.keys)
 
 
 def evaluate_stage(
-    pred_dir: Path, gt_coco_path: Path, gt_images_root: Path, num_pred: int, mode: str = "iou"
+    pred_dir: Path, gt_coco_path: Path | GroundTruth, gt_images_root: Path, num_pred: int,
+    mode: str = "iou",
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Hungarian-matched mIoU of one folder of predicted label PNGs over the whole GT split."""
-    coco = read_json(gt_coco_path)
-    confs, names, _ = _confusions({"stage": Path(pred_dir)}, coco, Path(gt_coco_path), num_pred)
+    """Hungarian-matched mIoU of one folder of predicted label PNGs over the whole GT split.
+
+    ``gt_coco_path`` is a COCO instances file or a :class:`GroundTruth` (e.g. a label folder).
+    """
+    gt = _as_ground_truth(gt_coco_path, gt_images_root)
+    confs, names, _ = _confusions({"stage": Path(pred_dir)}, gt, num_pred)
     mapping = match_clusters(confs["stage"], mode)
     return miou_after_matching(confs["stage"], mapping, names), mapping
 
 
 def evaluate(
     stages: dict[str, Path],
-    gt_coco_path: Path,
+    gt_coco_path: Path | GroundTruth,
     gt_images_root: Path,
     num_pred: int,
     out_metrics: Path,
@@ -251,15 +371,23 @@ def evaluate(
     notes: list[str],
     mode: str = "iou",
     max_figure_rows: int = 6,
+    extras: Mapping[str, Path] | None = None,
+    paper: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every stage, write metrics.json, a Markdown report and a figure; return metrics."""
+    """Evaluate every stage, write metrics.json, a Markdown report and a figure; return metrics.
+
+    ``gt_coco_path`` is a COCO instances file or a :class:`GroundTruth` (e.g. a label folder).
+    ``extras`` names JSON results of other protocols (``mask_ap``, ``linear_probe``) copied into
+    the metrics and the report; ``paper`` (``voc``, ``coco20k``) adds the published numbers beside
+    this run's (any other value: the report says there is no paper reference).
+    """
     if not stages:
         raise ValueError("no stages to evaluate")
     if mode not in MODES:
         raise ValueError(f"unknown matching mode {mode!r}; use one of {MODES}")
-    coco = read_json(gt_coco_path)
+    gt = _as_ground_truth(gt_coco_path, gt_images_root)
     stage_dirs = {name: Path(d) for name, d in stages.items()}
-    confs, names, num_images = _confusions(stage_dirs, coco, Path(gt_coco_path), num_pred)
+    confs, names, num_images = _confusions(stage_dirs, gt, num_pred)
     metrics: dict[str, Any] = {}
     mappings: dict[str, np.ndarray] = {}
     for stage, conf in confs.items():
@@ -276,12 +404,17 @@ def evaluate(
         "matching": matching,
         "mode": mode,
         "ignore_label": IGNORE_LABEL,
-        "ground_truth": str(gt_coco_path),
+        "ground_truth": gt.source,
         "predictions": {s: str(d) for s, d in stage_dirs.items()},
         "notes": list(notes),
+        "paper": paper if paper in PAPER_REFERENCE else None,
     }
-    rows = _gt_images(coco, Path(gt_coco_path))[: max(0, max_figure_rows)]
-    _write_figure(out_figure, rows, coco, Path(gt_images_root), stage_dirs, mappings, names)
+    for name, path in (extras or {}).items():
+        if name in metrics:
+            raise ValueError(f"extra result '{name}' clashes with a stage name")
+        metrics[name] = read_json(path)
+    rows = list(gt.keys[: max(0, max_figure_rows)])
+    _write_figure(out_figure, rows, gt, stage_dirs, mappings, names)
     write_json(out_metrics, metrics)
     _write_report(out_report, out_figure, metrics, list(confs), names, notes)
     return metrics
@@ -319,9 +452,8 @@ def colourise(labels: np.ndarray, mapping: np.ndarray | None = None) -> np.ndarr
 
 def _write_figure(
     out_figure: Path,
-    rows: list[dict[str, Any]],
-    coco: dict[str, Any],
-    images_root: Path,
+    rows: list[str],
+    gt: GroundTruth,
     stage_dirs: dict[str, Path],
     mappings: dict[str, np.ndarray],
     names: list[str],
@@ -332,21 +464,21 @@ def _write_figure(
 
     from maskdistill.images import read_rgb
 
-    to_label, _ = category_labels(coco)
-    index = _annotations_by_image(coco)
     titles = ["image", "ground truth"] + list(stage_dirs)
     ncols, nrows = len(titles), max(1, len(rows))
     fig = Figure(figsize=(2.6 * ncols, 2.3 * nrows + 0.8), dpi=100)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     seen: set[int] = set()
-    for r, im in enumerate(rows):
-        key = _key(im["file_name"])
-        gt = _paste_semantic(index.get(int(im["id"]), []), to_label, int(im["height"]),
-                             int(im["width"]), key)
-        seen.update(int(v) for v in np.unique(gt) if v != IGNORE_LABEL)
-        panels = [read_rgb(images_root / im["file_name"]), colourise(gt)]
+    for r, key in enumerate(rows):
+        labels = gt.load(key)
+        seen.update(int(v) for v in np.unique(labels) if v != IGNORE_LABEL)
+        if key in gt.image_paths:
+            image = read_rgb(gt.image_paths[key])
+        else:  # no image known for this key: a grey panel
+            image = np.full(labels.shape + (3,), 128, dtype=np.uint8)
+        panels = [image, colourise(labels)]
         for stage, d in stage_dirs.items():
-            pred = _read_prediction(d, key, stage, gt.shape)
+            pred = _read_prediction(d, key, stage, labels.shape)
             panels.append(colourise(pred, mappings[stage]))
             seen.update(int(mappings[stage][v]) for v in np.unique(pred))
         for c, panel in enumerate(panels):
@@ -374,6 +506,78 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _lookup(metrics: dict[str, Any], sources: Sequence[str]) -> tuple[float | None, str]:
+    """This run's value for a paper row: the first source present (stage mIoU or a dotted path)."""
+    for src in sources:
+        if src in metrics and isinstance(metrics[src], dict) and "miou" in metrics[src]:
+            return float(metrics[src]["miou"]), src
+        node: Any = metrics
+        for part in src.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)) and node is not None and node >= 0:
+            return float(node), src
+    return None, ""
+
+
+def paper_comparison(metrics: dict[str, Any], paper: str | None) -> list[str]:
+    """Markdown lines: this run beside the published numbers, or a line saying there are none."""
+    lines = ["## Compared with the paper", ""]
+    if paper not in PAPER_REFERENCE:
+        return lines + ["No paper reference for this dataset (the paper reports PASCAL VOC 2012 val "
+                        "and COCO20k); the numbers below stand alone.", ""]
+    lines += [f"MaskDistill's published numbers on {'PASCAL VOC 2012 val' if paper == 'voc' else 'COCO20k'}"
+              " (DINO ViT-S, MoCo-initialised ResNet-50) beside this run's. `-`: not computed in this "
+              "run (enable it in the config).", "",
+              "| metric | this run | paper | difference | from |", "|---|---:|---:|---:|---|"]
+    for label, ref, sources in PAPER_REFERENCE[paper]:
+        value, src = _lookup(metrics, sources)
+        diff = "-" if value is None else f"{value - ref:+.1f}"
+        lines.append(f"| {label} | {_fmt(value)} | {ref:.1f} | {diff} | {src or '-'} |")
+    return lines + [""]
+
+
+def _paper_class_columns(names: list[str], paper: str | None) -> dict[str, tuple[float, ...]]:
+    """Paper per-class columns when the classes are VOC's 21 in id order, else none."""
+    if paper != "voc" or [n.lower() for n in names] != list(VOC_CLASSES):
+        return {}
+    return {"paper clustering": PAPER_VOC_PER_CLASS["clustering"],
+            "paper clustering+CRF": PAPER_VOC_PER_CLASS["clustering+crf"],
+            "paper linear": PAPER_VOC_PER_CLASS["linear"]}
+
+
+def _extra_lines(metrics: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    lp = metrics.get("linear_probe")
+    if isinstance(lp, dict) and "miou" in lp:
+        lines += ["## Linear probe", "",
+                  f"A 1x1 classifier trained on ground-truth labels over the frozen segmentation model "
+                  f"({lp.get('epochs', '?')} epochs, {lp.get('num_train_images', '?')} training images): "
+                  f"mIoU {lp['miou']:.1f}"
+                  + (f", with CRF {lp['miou_crf']:.1f}" if lp.get("miou_crf") is not None else "")
+                  + " (no matching: the classifier predicts ground-truth classes).", ""]
+    ap = metrics.get("mask_ap")
+    if isinstance(ap, dict):
+        lines += ["## Mask AP", "",
+                  "COCO mask AP (pycocotools `segm`, class-aware after Hungarian matching of clusters "
+                  "to classes).", "", "| setting | AP | AP50 | AP75 | matched classes |",
+                  "|---|---:|---:|---:|---:|"]
+        for setting in ("multi", "single"):
+            r = ap.get(setting)
+            if isinstance(r, dict):
+                lines.append(f"| {setting} object | {_fmt(r.get('AP'))} | {_fmt(r.get('AP50'))} | "
+                             f"{_fmt(r.get('AP75'))} | {r.get('num_matched', '-')} |")
+        lines.append("")
+    quality = metrics.get("mask_quality")
+    if isinstance(quality, dict) and "mask_iou" in quality:
+        lines += ["## Mined masks (class-agnostic)", "",
+                  f"Over {quality['images']} images with objects: mean IoU of each mined mask with its "
+                  f"best-matching ground-truth object **{quality['mask_iou']:.1f}**, CorLoc (mined box "
+                  f"IoU >= 0.5 with some object) **{quality['corloc']:.1f}**"
+                  + (f"; {quality['missing']} images had no mined mask." if quality.get("missing") else "."),
+                  ""]
+    return lines
+
+
 def _write_report(
     out_report: Path,
     out_figure: Path,
@@ -383,6 +587,7 @@ def _write_report(
     notes: list[str],
 ) -> None:
     meta = metrics["meta"]
+    paper = meta.get("paper")
     lines = [
         "# MaskDistill evaluation",
         "",
@@ -394,14 +599,23 @@ def _write_report(
     ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += paper_comparison(metrics, paper)
     lines += ["## mIoU per stage", "", "| stage | mIoU | pixel accuracy |", "|---|---:|---:|"]
     lines += [f"| {s} | {metrics[s]['miou']:.1f} | {metrics[s]['pixel_accuracy']:.1f} |"
               for s in stages]
-    lines += ["", "## IoU per class", "", "| class | " + " | ".join(stages) + " |",
-              "|---|" + "---:|" * len(stages)]
-    for name in names:
-        lines.append(f"| {name} | "
-                     + " | ".join(_fmt(metrics[s]["per_class"][name]) for s in stages) + " |")
+    lines += [""] + _extra_lines(metrics)
+    paper_cols = _paper_class_columns(names, paper)
+    lp = metrics.get("linear_probe")
+    lp_cls = lp.get("per_class") if isinstance(lp, dict) else None
+    cols = list(stages) + (["linear_probe"] if isinstance(lp_cls, dict) else []) + list(paper_cols)
+    lines += ["## IoU per class", "", "| class | " + " | ".join(cols) + " |",
+              "|---|" + "---:|" * len(cols)]
+    for c, name in enumerate(names):
+        cells = [_fmt(metrics[s]["per_class"][name]) for s in stages]
+        if isinstance(lp_cls, dict):
+            cells.append(_fmt(lp_cls.get(name)))
+        cells += [_fmt(col[c]) for col in paper_cols.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rel = Path(os.path.relpath(Path(out_figure).resolve(), Path(out_report).resolve().parent))
     lines += ["", "## Examples", "",
               "Columns: image, ground truth, then each stage with its predicted labels recoloured "

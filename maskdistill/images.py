@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,16 @@ from maskdistill.storage import read_json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Decoding limits, the same for every stage (so all stages see the same pixels of an image):
+MAX_DECODE_PIXELS = 64_000_000  # larger JPEGs decode at 1/2, 1/4 or 1/8 scale; other formats are refused
+MAX_ASPECT_RATIO = 16.0  # thinner strips are refused: resizing their short side would explode the long one
+BAD_IMAGE_POLICIES = ("fail", "skip")
+# PIL refuses headers above 2x its limit before we can ask for a reduced JPEG decode; raise it to
+# a header-only bound and enforce MAX_DECODE_PIXELS ourselves (on what is actually decoded).
+if Image.MAX_IMAGE_PIXELS is not None:
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, MAX_DECODE_PIXELS * 64 // 2)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
+                  zlib.error, Image.DecompressionBombError)
 
 
 class ImageReadError(RuntimeError):
@@ -32,17 +44,37 @@ class ImageRecord:
     image_id: int | None = None
 
 
+def _walk_images(base: Path) -> Iterator[Path]:
+    """Image files below ``base`` (following folder links once: a link loop is not walked twice)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def has_images(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` holds at least one image file (stops at the first)."""
+    return next(_walk_images(Path(root)), None) is not None
+
+
 def list_image_folder(root: str | os.PathLike[str]) -> list[ImageRecord]:
-    """All images below ``root`` (recursively), sorted by key."""
+    """All images below ``root`` (recursively), sorted by key.
+
+    Files are listed, not decoded: a broken file is listed and met by the stage that reads it
+    (which fails or skips it per ``dataset.on_bad_image``). Two files with the same key
+    (``a/x.jpg`` and ``a/x.png``) are an error naming both.
+    """
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"image folder not found: {base}")
-    records = []
-    for dirpath, _, files in os.walk(base, followlinks=True):
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                path = Path(dirpath) / name
-                records.append(ImageRecord(key=_key_of(path, base), path=path))
+    records = [ImageRecord(key=_key_of(path, base), path=path) for path in _walk_images(base)]
     records.sort(key=lambda r: r.key)
     _check_unique(records, base)
     return records
@@ -66,10 +98,22 @@ def list_coco_images(images_root: str | os.PathLike[str], annotations: str | os.
 
 def list_split(split_cfg: dict[str, Any]) -> list[ImageRecord]:
     """Images of a split config ``{images: dir, annotations: json | null}``."""
+    if split_cfg.get("layout"):  # a benchmark layout (VOC, COCO20k) lists its own images
+        from maskdistill.datasets import list_layout
+
+        return list_layout(split_cfg["layout"])
     ann = split_cfg.get("annotations")
-    if ann:
-        return list_coco_images(split_cfg["images"], ann)
-    return list_image_folder(split_cfg["images"])
+    records = list_coco_images(split_cfg["images"], ann) if ann else list_image_folder(split_cfg["images"])
+    if not records:
+        where = f"{ann} (images under {split_cfg['images']})" if ann else split_cfg["images"]
+        raise ValueError(f"empty dataset: no images found in {where} "
+                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return records
+
+
+def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[ImageRecord]:
+    """The records whose key mining did not skip (policy ``skip``: later stages ignore them too)."""
+    return [r for r in records if r.key not in skipped_keys]
 
 
 def _key_of(path: Path, base: Path) -> str:
@@ -98,28 +142,75 @@ def shard_records(records: list[ImageRecord], shard: int, num_shards: int) -> li
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode an image as uint8 RGB (H, W, 3), applying its EXIF orientation."""
+    """Decode an image as uint8 RGB (H, W, 3), applying its EXIF orientation.
+
+    Grayscale, palette (transparency composited on black), RGBA/LA (same), CMYK and 16-bit or
+    float images become 8-bit RGB. JPEGs over ``MAX_DECODE_PIXELS`` are decoded at a reduced
+    scale (libjpeg's 1/2, 1/4 or 1/8; memory stays bounded), other images over it and strips
+    thinner than 1:``MAX_ASPECT_RATIO`` are refused. Every failure is an :class:`ImageReadError`
+    whose message starts with the path and says why.
+    """
     p = Path(path)
-    if not p.exists():
-        raise ImageReadError(f"{p}: file not found")
+    _check_file(p)
     try:
         with Image.open(p) as im:
+            _check_size(p, im)
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 arr = np.asarray(im, dtype=np.float32)
+                arr = np.nan_to_num(arr - min(float(arr.min()), 0.0))
                 top = max(float(arr.max()), 1.0)
-                im = Image.fromarray((arr * (255.0 / top)).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = Image.fromarray((arr * (255.0 / top)).round().astype(np.uint8))
+            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+            if alpha or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 canvas = Image.new("RGB", im.size, (0, 0, 0))
                 canvas.paste(im, mask=im.getchannel("A"))
                 im = canvas
             rgb = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{p}: cannot decode image ({err})") from err
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+    except ImageReadError:
+        raise
+    except Image.UnidentifiedImageError as err:
+        raise ImageReadError(f"{p}: not an image (unknown format: {err})") from err
+    except PermissionError as err:
+        raise ImageReadError(f"{p}: not readable (permission denied)") from err
+    except _DECODE_ERRORS as err:
+        raise ImageReadError(f"{p}: cannot decode image ({type(err).__name__}: {err})") from err
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageReadError(f"{p}: empty image")
     return rgb
+
+
+def _check_file(p: Path) -> None:
+    """Clear reasons for files that cannot be images before PIL sees them."""
+    if p.is_symlink() and not p.exists():
+        raise ImageReadError(f"{p}: dangling symlink (target {os.readlink(p)} does not exist)")
+    if not p.exists():
+        raise ImageReadError(f"{p}: file not found")
+    if not p.is_file():
+        raise ImageReadError(f"{p}: not a regular file")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"{p}: empty file (0 bytes)")
+    if not os.access(p, os.R_OK):
+        raise ImageReadError(f"{p}: not readable (permission denied)")
+
+
+def _check_size(p: Path, im: Image.Image) -> None:
+    """Refuse strips and oversized images from the header; ask for a reduced decode of big JPEGs."""
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageReadError(f"{p}: empty image ({w}x{h})")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ImageReadError(f"{p}: {w}x{h} is thinner than 1:{MAX_ASPECT_RATIO:g} (aspect-ratio limit)")
+    if w * h <= MAX_DECODE_PIXELS:
+        return
+    if im.format == "JPEG":
+        for scale in (2, 4, 8):
+            if (w // scale) * (h // scale) <= MAX_DECODE_PIXELS:
+                im.draft(im.mode, (-(-w // scale), -(-h // scale)))
+                return
+    raise ImageReadError(f"{p}: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the decode limit of "
+                         f"{MAX_DECODE_PIXELS / 1e6:.0f} MP (JPEGs reduce on load; other formats do not)")
 
 
 def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -160,6 +251,10 @@ def resolve_splits(dataset_cfg: dict[str, Any], results_dir: str = "results") ->
             "val": {"images": str(root / "val" / "images"),
                     "annotations": str(root / "val" / "instances.json")},
         }
+    if dataset_cfg["source"] in ("voc", "coco20k"):
+        from maskdistill.datasets import dataset_splits
+
+        return dataset_splits(dataset_cfg, results_dir)
     splits = {"train": dict(dataset_cfg["train"])}
     if dataset_cfg["val"].get("images"):
         splits["val"] = dict(dataset_cfg["val"])

@@ -22,6 +22,7 @@ from scipy import ndimage
 from maskdistill.backbone import create_vit, last_block_qk, patch_size
 from maskdistill.config import section_defaults
 from maskdistill.images import (
+    BAD_IMAGE_POLICIES,
     ImageReadError,
     ImageRecord,
     pad_to_multiple,
@@ -29,7 +30,7 @@ from maskdistill.images import (
     resized_hw,
     to_tensor,
 )
-from maskdistill.storage import MaskShardWriter, MinedMask, mask_to_box
+from maskdistill.storage import MaskShardWriter, MinedMask, SkippedImage, mask_to_box
 
 log = logging.getLogger("maskdistill")
 
@@ -153,7 +154,15 @@ def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Dec
 
 def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
                device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
-    """Mine every image of a shard into one HDF5 file; returns counts and timings."""
+    """Mine every image of a shard into one HDF5 file; returns counts and timings.
+
+    An image that cannot be decoded raises :class:`ImageReadError` naming it (``on_bad_image``
+    ``fail``) or is left out and listed in the shard's ``skipped`` attribute with the reason
+    (``skip``); later stages leave skipped images out too.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
+                         f"{list(BAD_IMAGE_POLICIES)}")
     cfg = {**section_defaults("mining"), **cfg}
     bb = cfg["backbone"]
     model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
@@ -162,7 +171,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
              "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}
-    skipped: list[str] = []
+    skipped: list[SkippedImage] = []
     start = time.perf_counter()
     done = 0
     with ThreadPoolExecutor(max_workers=cfg["decode_threads"]) as pool, \
@@ -171,10 +180,13 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
         decoded = _prefetch(pool, records, cfg["short_side"], patch, ahead)
         for batch in _batches(decoded, cfg["batch_size"]):
             if batch[0].tensor is None:
+                bad = batch[0]
                 if on_bad_image == "fail":
-                    raise ImageReadError(batch[0].error)
-                log.warning("skipping %s", batch[0].error)
-                skipped.append(f"{batch[0].record.path}\t{batch[0].error}")
+                    raise ImageReadError(f"{bad.error} (set dataset.on_bad_image: skip to leave such "
+                                         "images out)")
+                log.warning("skipping %s", bad.error)
+                reason = (bad.error or "").removeprefix(f"{bad.record.path}: ")
+                skipped.append(SkippedImage(bad.record.key, str(bad.record.path), reason))
                 continue
             x = torch.stack([d.tensor for d in batch]).to(device)
             q, k = last_block_qk(model, x)
@@ -187,7 +199,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
                                         box=mask_to_box(mask), patch_mask=pm.mask,
                                         cls_affinity=pm.cls_affinity, seed=pm.seed))
             done += len(batch)
-            if done % cfg["log_every"] < len(batch) or done == len(records):
+            if done % cfg["log_every"] < len(batch) or done + len(skipped) == len(records):
                 rate = (time.perf_counter() - start) / done
                 log.info("mined %d/%d images, %.3f s/img", done, len(records), rate)
         writer.set_skipped(skipped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -31,9 +32,9 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=suffix or f".tmp{final.suffix}", dir=final.parent
-    )
+    suffix = suffix or f".tmp{final.suffix}"
+    remove_stale_temps(final, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the final file normal permissions
     tmp_path = Path(tmp)
@@ -43,6 +44,15 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(final: Path, suffix: str) -> list[Path]:
+    """Delete temporary files a killed writer of ``final`` left behind (one writer per output)."""
+    pattern = f".{glob.escape(final.name)}.*{glob.escape(suffix)}"
+    stale = [t for t in final.parent.glob(pattern) if t.is_file()]
+    for t in stale:
+        t.unlink(missing_ok=True)
+    return stale
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -136,6 +146,34 @@ class MinedMask:
     seed: int  # flat index of the seed patch
 
 
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image a stage skipped under ``dataset.on_bad_image: skip``, and why."""
+
+    key: str
+    path: str
+    reason: str
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).replace("\t", " ").splitlines())
+
+
+def shard_skipped(path: str | os.PathLike[str]) -> list[SkippedImage]:
+    """The images a complete mask shard records as skipped."""
+    with open_mask_shard(path) as h5:
+        text = _text(h5.attrs.get("skipped", ""))
+    out = []
+    for line in filter(None, text.split("\n")):
+        parts = line.split("\t")
+        if len(parts) == 2:  # older shards: path and reason only
+            parts = [Path(parts[0]).stem, *parts]
+        if len(parts) != 3:
+            raise CorruptFileError(f"{path}: malformed 'skipped' entry {line!r}")
+        out.append(SkippedImage(*parts))
+    return out
+
+
 class MaskShardWriter:
     """Stream mined masks into one HDF5 shard; the file appears under its name only when closed."""
 
@@ -180,9 +218,10 @@ class MaskShardWriter:
         s["cls_affinity"][i] = item.cls_affinity.astype(np.float32).ravel()
         self.count += 1
 
-    def set_skipped(self, lines: list[str]) -> None:
-        """Record images that were skipped (path and reason, tab separated)."""
-        self._h5.attrs["skipped"] = "\n".join(lines)
+    def set_skipped(self, items: list[SkippedImage]) -> None:
+        """Record the images that were skipped, one ``key<TAB>path<TAB>reason`` line each."""
+        self._h5.attrs["skipped"] = "\n".join(
+            "\t".join(_one_line(v) for v in (it.key, it.path, it.reason)) for it in items)
 
     def close(self) -> None:
         """Mark complete and move the file to its final name."""
@@ -217,18 +256,30 @@ def open_mask_shard(path: str | os.PathLike[str]) -> h5py.File:
         h5 = h5py.File(p, "r")
     except OSError as err:
         raise CorruptFileError(f"{p}: not a readable HDF5 file ({err}); delete it and rerun") from err
-    if h5.attrs.get("format_version") != SHARD_FORMAT_VERSION or not h5.attrs.get("complete"):
+    try:
+        if h5.attrs.get("format_version") != SHARD_FORMAT_VERSION or not h5.attrs.get("complete"):
+            raise CorruptFileError(f"{p}: incomplete or unknown mask shard (no 'complete' flag); "
+                                   "delete it and rerun")
+        n = int(h5.attrs.get("num_images", -1))
+        if any(len(h5[name]) != n for name in ("keys", "boxes", "masks")):
+            raise CorruptFileError(f"{p}: shard datasets disagree with num_images={n}")
+    except (OSError, KeyError, RuntimeError) as err:
         h5.close()
-        raise CorruptFileError(f"{p}: incomplete or unknown mask shard; delete it and rerun")
-    n = int(h5.attrs.get("num_images", -1))
-    if any(len(h5[name]) != n for name in ("keys", "boxes", "masks")):
-        h5.close()
-        raise CorruptFileError(f"{p}: shard datasets disagree with num_images={n}")
+        if isinstance(err, CorruptFileError):
+            raise
+        raise CorruptFileError(f"{p}: damaged mask shard ({err}); delete it and rerun") from err
     return h5
 
 
 def read_mask_shard(path: str | os.PathLike[str]) -> list[MinedMask]:
     """Read every mined mask in a shard."""
+    try:
+        return _read_masks(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise CorruptFileError(f"{path}: damaged mask shard ({err}); delete it and rerun") from err
+
+
+def _read_masks(path: str | os.PathLike[str]) -> list[MinedMask]:
     out = []
     with open_mask_shard(path) as h5:
         for i in range(int(h5.attrs["num_images"])):
@@ -266,3 +317,43 @@ def digest_path(path: str | os.PathLike[str]) -> str:
         h.update(f.relative_to(p).as_posix().encode() if p.is_dir() else b"")
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- per-run input report
+
+
+def input_report(shards: dict[str, list[Path]], policy: str) -> dict[str, Any]:
+    """What mining read and what it skipped (with reasons), per split, from the mask shards."""
+    splits: dict[str, dict[str, int]] = {}
+    skipped: list[dict[str, str]] = []
+    for split, paths in shards.items():
+        mined = 0
+        for path in paths:
+            with open_mask_shard(path) as h5:
+                mined += int(h5.attrs["num_images"])
+            skipped += [{"split": split, "key": s.key, "path": s.path, "reason": s.reason}
+                        for s in shard_skipped(path)]
+        splits[split] = {"mined": mined, "skipped": sum(s["split"] == split for s in skipped)}
+    return {"on_bad_image": policy, "splits": splits, "skipped": skipped}
+
+
+def write_input_report(report: dict[str, Any], out_json: Path, out_md: Path) -> None:
+    """The report as JSON and as a short Markdown table (atomic writes)."""
+    write_json(out_json, report)
+    lines = ["# Input report", "",
+             f"Policy for unreadable images (`dataset.on_bad_image`): `{report['on_bad_image']}`.", ""]
+    lines += [f"- {split}: {c['mined']} images mined, {c['skipped']} skipped"
+              for split, c in report["splits"].items()]
+    if report["skipped"]:
+        lines += ["", "| split | image | reason |", "|---|---|---|"]
+        lines += [f"| {s['split']} | `{s['path']}` | {s['reason'].replace('|', '/')} |"
+                  for s in report["skipped"]]
+    else:
+        lines += ["", "No image was skipped."]
+    with atomic_path(out_md) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def skipped_keys(shards: list[Path]) -> set[str]:
+    """Keys that mining skipped in the given shards (those that exist)."""
+    return {s.key for p in shards if Path(p).is_file() for s in shard_skipped(p)}

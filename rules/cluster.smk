@@ -3,7 +3,8 @@
 
 rule describe:
     input:
-        f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
+        masks=f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
+        weights=pretrained_weights(),
     output:
         f"{RESULTS}/features/{{split}}/shard-{{shard}}.h5",
     params:
@@ -16,7 +17,7 @@ rule describe:
     threads: 2
     shell:
         "maskdistill --threads {threads} describe --config {params.cfg:q} --split {wildcards.split}"
-        " --masks {input} --out {output} > {log} 2>&1"
+        " --masks {input.masks} --out {output} > {log} 2>&1"
 
 
 rule cluster:

@@ -1,11 +1,14 @@
 # Shared definitions: config validation, the image plan, helpers for inputs and params.
 import os
+import shlex
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 import maskdistill
-from maskdistill.config import SCHEMA_PATH, ConfigError, validate_config
+from maskdistill.config import SCHEMA_PATH, ConfigError, check_references, validate_config
+from maskdistill.datasets import coco20k_gt_path, evaluation_split, semantic_gt_dir, voc_gt_path
+from maskdistill.images import resolve_splits
 from maskdistill.plan import DESCRIBE_KEYS, RESULTS, rule_config, shard_digest, shard_ids, shard_members, split_keys
 
 min_version("9.0")
@@ -19,13 +22,29 @@ except (WorkflowError, ConfigError) as err:
     except ConfigError as named:
         raise WorkflowError(str(named)) from None
     raise
+try:  # model names, checkpoints and image folders exist (before any job is planned)
+    check_references(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 VERSION = maskdistill.__version__
+# Optional DINO pretraining (rules/pretrain.smk): mining and clustering then load its teacher.
+PRETRAINED = f"{RESULTS}/pretrain/backbone.safetensors"
+if config["pretrain"]["enabled"]:
+    for _section in ("mining", "clustering"):
+        config[_section]["backbone"] = {"name": config["pretrain"]["arch"], "pretrained": False,
+                                        "checkpoint": PRETRAINED}
 SPLITS = split_keys(config)
 SHARDS = shard_ids(config)
 NUM_SHARDS = config["dataset"]["num_shards"]
 HAS_VAL = "val" in SPLITS
-HAS_GT = HAS_VAL and (config["dataset"]["source"] == "demo" or bool(config["dataset"]["val"]["annotations"]))
+# The split that evaluate scores (val; COCO20k: its own train images) and its ground truth: a COCO
+# instances file (user's, the demo's, or one that rules/datasets.smk writes for VOC / COCO20k) and,
+# for VOC, the SegmentationClass label PNGs (255 ignored) as semantic ground truth.
+GT_SPLIT = evaluation_split(config["dataset"])
+GT_FILE = resolve_splits(config["dataset"], RESULTS).get(GT_SPLIT, {}).get("annotations")
+GT_SEMANTIC = semantic_gt_dir(config["dataset"])
+HAS_GT = GT_SPLIT in SPLITS and bool(GT_FILE)
 NUM_LABELS = config["clustering"]["num_clusters"] * config["clustering"]["overclustering"] + 1
 EVAL_SPLITS = [s for s in ("train", "val") if s in SPLITS]
 
@@ -37,6 +56,11 @@ def members(wildcards):
 def shard_images(wildcards):
     """The image files of one shard: their change (mtime) reruns only that shard."""
     return [path for _, path in members(wildcards)]
+
+
+def pretrained_weights():
+    """The pretrain output when the ViTs come from our own DINO run, else nothing."""
+    return [PRETRAINED] if config["pretrain"]["enabled"] else []
 
 
 def demo_outputs():
@@ -56,6 +80,7 @@ def cfg(*sections, only=()):
 
 def final_targets():
     targets = expand(f"{RESULTS}/segmentation/predictions/{{split}}", split=EVAL_SPLITS)
+    targets += [f"{RESULTS}/input_report.json"]  # images read / skipped (rules/report.smk)
     if HAS_GT:
         targets += [f"{RESULTS}/metrics.json", f"{RESULTS}/report.md"]
     return targets

@@ -5,6 +5,7 @@ rule mine:
     input:
         demo_outputs(),
         images=shard_images,
+        weights=pretrained_weights(),
     output:
         f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
     params:

@@ -1,6 +1,10 @@
 """Configuration: schema errors name the key; defaults; the conda env matches pyproject."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -56,3 +60,105 @@ def test_conda_env_lists_the_pyproject_dependencies():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(project)
     assert _names(pip) == _names(project)
+
+
+# ---------------------------------------------------------------- names, files and folders that must exist
+
+
+def _refs(patch: dict) -> list[str]:
+    from maskdistill.config import reference_errors
+
+    return reference_errors(validate_config(patch))
+
+
+def test_existing_model_names_and_pretrained_tags_pass():
+    assert _refs({"mining": {"backbone": {"name": "vit_small_patch16_224.dino"}},
+                  "clustering": {"backbone": {"name": "vit_demo_patch8_128.dino_demo"}}}) == []
+
+
+@pytest.mark.parametrize("key", ["mining.backbone.name", "clustering.backbone.name", "pretrain.arch"])
+def test_unknown_timm_name_names_the_key_and_close_matches(key):
+    section, *rest = key.split(".")
+    patch = {section: {"backbone": {"name": "vit_smal_patch16_224"}} if rest[0] == "backbone"
+             else {rest[0]: "vit_smal_patch16_224"}}
+    errors = _refs(patch)
+    assert len(errors) == 1 and f"'{key}'" in errors[0] and "vit_small_patch16_224" in errors[0]
+
+
+@pytest.mark.parametrize("key", ["mining.backbone.checkpoint", "clustering.backbone.checkpoint",
+                                 "detector.pretrained_backbone", "segmentation.pretrained_backbone"])
+def test_missing_weights_file_names_the_key_and_the_path(tmp_path, key):
+    missing = tmp_path / "nope.pth"
+    patch: dict = {}
+    node = patch
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {"name": "vit_tiny_patch16_224"} if part == "backbone" else {})
+    node[parts[-1]] = str(missing)
+    errors = _refs(patch)
+    assert errors == [f"config key '{key}': file not found: {missing}"]
+    missing.write_bytes(b"weights")
+    assert _refs(patch) == []
+
+
+def test_image_folders_and_annotation_files_must_exist_and_hold_images(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full" / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "full" / "sub" / "a.jpg")
+    patch = {"dataset": {"source": "images", "train": {"images": str(tmp_path / "empty")},
+                         "val": {"images": str(tmp_path / "gone"),
+                                 "annotations": str(tmp_path / "val.json")}}}
+    errors = _refs(patch)
+    assert errors == [
+        f"config key 'dataset.train.images': empty dataset, no images found in {tmp_path / 'empty'}",
+        f"config key 'dataset.val.images': folder not found: {tmp_path / 'gone'}",
+        f"config key 'dataset.val.annotations': file not found: {tmp_path / 'val.json'}",
+    ]
+    patch["dataset"]["train"]["images"] = str(tmp_path / "full")
+    del patch["dataset"]["val"]
+    assert _refs(patch) == []
+
+
+# ---------------------------------------------------------------- the workflow refuses before any job
+
+
+def _dry_run(tmp_path: Path, cfg: dict):
+    base = json.loads(json.dumps(TINY_DEMO))
+    for section, values in cfg.items():
+        base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
+                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n",
+                           "--cores", "1"], capture_output=True, text=True, env=env, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "job count" not in text  # nothing planned, nothing run
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    return text
+
+
+TINY_DEMO = {"device": "cpu", "mining": {"backbone": {"name": "vit_tiny_patch16_224"}},
+             "clustering": {"backbone": {"name": "vit_tiny_patch16_224"}}}
+
+
+def test_workflow_stops_before_any_job_naming_each_invalid_value(tmp_path):
+    text = _dry_run(tmp_path, {"mining": {"backbone": {"name": "vit_tiny_patch16_224"}, "shortside": 64},
+                               "detector": {"epochs": "ten"}, "pseudo_labels": {"tau": 1.5},
+                               "clustering": {"num_clusters": 0}})
+    for key in ("mining.shortside", "detector.epochs", "pseudo_labels.tau", "clustering.num_clusters"):
+        assert f"config key '{key}'" in text, key
+
+
+def test_workflow_stops_before_any_job_naming_missing_files_and_models(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    text = _dry_run(tmp_path, {
+        "dataset": {"source": "images", "train": {"images": str(tmp_path / "imgs")}},
+        "mining": {"backbone": {"name": "vit_tiny_patch16_224", "checkpoint": "weights/dino.pth"}},
+        "clustering": {"backbone": {"name": "vit_tiny_patch99_224"}},
+    })
+    assert "config key 'mining.backbone.checkpoint': file not found: weights/dino.pth" in text
+    assert "config key 'clustering.backbone.name': unknown timm model 'vit_tiny_patch99_224'" in text
+    assert f"config key 'dataset.train.images': empty dataset, no images found in {tmp_path / 'imgs'}" in text

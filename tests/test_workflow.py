@@ -130,20 +130,4 @@ def test_workflow_is_lint_clean(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_slurm_profile_plans_gpu_rules_on_gpus_without_slurm(tmp_path):
-    write_config(tmp_path, TINY)
-    proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"))
-    text = proc.stdout + proc.stderr
-    resources: dict[str, set[str]] = {}
-    rule = None
-    for line in text.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            rule = line.split()[1].rstrip(":")
-        elif line.strip().startswith("resources:") and rule:
-            resources.setdefault(rule, set()).add(line)
-    gpu_rules = {"mine", "describe", "train_detector", "predict_detector", "train_segmentation",
-                 "predict_segmentation"}
-    for name in gpu_rules:
-        assert all("gpu=1" in r and "slurm_partition=gpu" in r for r in resources[name]), name
-    for name in set(resources) - gpu_rules - {"all"}:
-        assert all("gpu=" not in r for r in resources[name]), name
+# The SLURM profile's dry run (GPU rules on GPUs, shards as jobs) is in tests/test_slurm.py.

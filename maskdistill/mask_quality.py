@@ -1,0 +1,71 @@
+"""Class-agnostic quality of the mined masks: best-match mask IoU and CorLoc against ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskdistill.storage import decode_segmentation, read_json, read_mask_shard
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two boxes [x0, y0, x1, y1]."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks of the same shape."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _gt_objects(coco: dict[str, Any]) -> dict[str, list[tuple[np.ndarray, list[float]]]]:
+    """Key (file name without extension) -> [(mask, box x0y0x1y1)] of its non-crowd objects."""
+    images = {im["id"]: im for im in coco["images"]}
+    out: dict[str, list[tuple[np.ndarray, list[float]]]] = {
+        Path(im["file_name"]).with_suffix("").as_posix(): [] for im in coco["images"]}
+    for ann in coco.get("annotations", []):
+        if ann.get("iscrowd", 0):
+            continue
+        im = images[ann["image_id"]]
+        mask = decode_segmentation(ann["segmentation"], int(im["height"]), int(im["width"]))
+        x, y, w, h = ann["bbox"]
+        out[Path(im["file_name"]).with_suffix("").as_posix()].append((mask, [x, y, x + w, y + h]))
+    return out
+
+
+def mined_mask_quality(mask_shards: Sequence[Path], gt_instances: Path) -> dict[str, Any]:
+    """Mean best-match IoU of each image's mined mask with a GT object, and CorLoc (share of
+    images whose mined box has IoU >= 0.5 with some GT box). Images with objects but no mined mask
+    (skipped) count as misses; images without objects are left out. Values in percent."""
+    gt = _gt_objects(read_json(gt_instances))
+    mined = {m.key: m for shard in mask_shards for m in read_mask_shard(shard)}
+    ious, hits, rows = [], [], []
+    for key in sorted(gt):
+        objects = gt[key]
+        if not objects:
+            continue
+        m = mined.get(key)
+        if m is None:
+            best_iou, best_box = 0.0, 0.0
+        else:
+            if objects[0][0].shape != m.mask.shape:
+                raise ValueError(f"{key}: mined mask {m.mask.shape} and ground truth "
+                                 f"{objects[0][0].shape} differ in size")
+            best_iou = max(mask_iou(m.mask, obj) for obj, _ in objects)
+            best_box = max(box_iou(m.box, box) for _, box in objects)
+        ious.append(best_iou)
+        hits.append(best_box >= 0.5)
+        rows.append({"key": key, "mask_iou": round(100 * best_iou, 2), "box_iou": round(100 * best_box, 2)})
+    if not ious:
+        raise ValueError(f"{gt_instances}: no image with ground-truth objects")
+    return {"mask_iou": 100.0 * float(np.mean(ious)), "corloc": 100.0 * float(np.mean(hits)),
+            "images": len(ious), "missing": sum(1 for r in rows if r["key"] not in mined),
+            "per_image": rows}

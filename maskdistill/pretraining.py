@@ -1,0 +1,367 @@
+"""DINO self-distillation of a ViT on unlabeled images (Caron et al., 2021).
+
+A student ViT + projection head learns to match a teacher (an exponential moving average of the
+student) across multi-crop views: the teacher sees the global crops, the student every crop. The
+teacher's outputs are centred (running mean) and sharpened (low temperature); the student's are
+softened. The teacher backbone is what mining and clustering load afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from maskdistill.backbone import check_vit_name
+from maskdistill.config import section_defaults
+from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, ImageRecord, read_rgb
+from maskdistill.storage import atomic_path, write_json
+from maskdistill.training import (
+    ProgressLog,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger("maskdistill")
+
+
+# ------------------------------------------------------------------ model
+
+
+class DinoHead(nn.Module):
+    """MLP projection (Linear-GELU x nlayers-1 to a bottleneck), L2 normalisation, then a
+    weight-normalised prototype layer whose norm is fixed to 1 (``norm_last_layer``) or learnt,
+    which lets the logits grow faster (DINO's choice for small ViTs)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, batchnorm: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                if batchnorm:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.prototypes = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False))
+        original0 = self.prototypes.parametrizations.weight.original0
+        original0.data.fill_(1.0)
+        original0.requires_grad_(not norm_last_layer)  # fixed unit-norm prototypes, or learnt norms
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+
+
+class DinoModel(nn.Module):
+    """ViT backbone (CLS token) followed by a :class:`DinoHead`; crops of equal size share a pass."""
+
+    def __init__(self, backbone: nn.Module, head: DinoHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: Sequence[Tensor]) -> Tensor:
+        outs, start = [], 0
+        sizes = [c.shape[-1] for c in crops]
+        while start < len(crops):
+            end = start
+            while end < len(crops) and sizes[end] == sizes[start]:
+                end += 1
+            outs.append(self.backbone.forward_features(torch.cat(list(crops[start:end])))[:, 0])
+            start = end
+        return self.head(torch.cat(outs))
+
+
+class DinoLoss(nn.Module):
+    """Cross-entropy between sharpened, centred teacher outputs (global crops) and the student's
+    outputs of every other crop; the centre is an EMA of the teacher's batch mean."""
+
+    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.num_crops = num_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float) -> Tensor:
+        s_chunks = (student / self.student_temp).chunk(self.num_crops)
+        t_probs = F.softmax((teacher - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        total, terms = student.new_zeros(()), 0
+        for iq, q in enumerate(t_probs):
+            for v, s in enumerate(s_chunks):
+                if v == iq:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                terms += 1
+        self.update_center(teacher)
+        return total / terms
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        batch_center = teacher.mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+def build_student_teacher(arch: str, out_dim: int, drop_path: float, head_hidden: int,
+                          head_bottleneck: int, head_batchnorm: bool = False,
+                          norm_last_layer: bool = True) -> tuple[DinoModel, DinoModel]:
+    """Student (with stochastic depth) and teacher (a frozen copy of it) for DINO."""
+    check_vit_name(arch)
+    student_vit = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                    drop_path_rate=drop_path)
+    teacher_vit = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    dim = student_vit.num_features
+    student = DinoModel(student_vit, DinoHead(dim, out_dim, head_hidden, head_bottleneck,
+                                              batchnorm=head_batchnorm, norm_last_layer=norm_last_layer))
+    teacher = DinoModel(teacher_vit, DinoHead(dim, out_dim, head_hidden, head_bottleneck,
+                                              batchnorm=head_batchnorm, norm_last_layer=norm_last_layer))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def cosine_schedule(base: float, final: float, total: int, warmup: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warmup from ``warmup_start`` to ``base``, then cosine to ``final``."""
+    warm = np.linspace(warmup_start, base, warmup, endpoint=False) if warmup > 0 else np.array([])
+    steps = np.arange(max(total - warmup, 0))
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warm, cos])[:total]
+
+
+# ------------------------------------------------------------------ data
+
+
+class _Solarize:
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if torch.rand(()) < self.p else img
+
+
+class _Blur:
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()) >= self.p:
+            return img
+        radius = float(torch.empty(()).uniform_(*self.sigma)) * img.width / 224.0
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class MultiCrop:
+    """DINO's multi-crop views: two global crops (blur 1.0 / 0.1, solarise on the second) and
+    ``num_local`` small local crops, each flipped, colour-jittered (brightness, contrast,
+    saturation, hue) and sometimes grey, then normalised."""
+
+    def __init__(self, global_size: int, local_size: int, num_local: int,
+                 global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4),
+                 color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+                 grayscale_p: float = 0.2):
+        flip_colour = v2.Compose([
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
+            v2.RandomGrayscale(p=grayscale_p),
+        ])
+        finish = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        bicubic = v2.InterpolationMode.BICUBIC
+        self.global1 = v2.Compose([v2.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
+                                   flip_colour, _Blur(1.0), finish])
+        self.global2 = v2.Compose([v2.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
+                                   flip_colour, _Blur(0.1), _Solarize(0.2), finish])
+        self.local = v2.Compose([v2.RandomResizedCrop(local_size, local_scale, interpolation=bicubic),
+                                 flip_colour, _Blur(0.5), finish])
+        self.num_local = num_local
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.num_local)]
+
+
+class ImageCrops(torch.utils.data.Dataset):
+    """Unlabeled images, decoded once and kept in memory, each yielding its multi-crop views."""
+
+    def __init__(self, records: list[ImageRecord], transform: MultiCrop, on_bad_image: str = "fail"):
+        self.images: list[Image.Image] = []
+        self.skipped: list[dict[str, str]] = []
+        for rec in records:
+            try:
+                self.images.append(Image.fromarray(read_rgb(rec.path)))
+            except ImageReadError as err:
+                if on_bad_image == "fail":
+                    raise
+                self.skipped.append({"key": rec.key, "reason": str(err)})
+                log.warning("skipping %s: %s", rec.path, err)
+        if not self.images:
+            raise ValueError("pretraining needs at least one readable image; the split is empty")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> list[Tensor]:
+        return self.transform(self.images[index])
+
+
+def _collate(batch: list[list[Tensor]]) -> list[Tensor]:
+    return [torch.stack(views) for views in zip(*batch, strict=True)]
+
+
+# ------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class DinoSchedules:
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+
+def schedules(cfg: dict[str, Any], steps_per_epoch: int) -> DinoSchedules:
+    """Per-step learning rate, weight decay, teacher momentum and teacher temperature."""
+    epochs = int(cfg["epochs"])
+    total = epochs * steps_per_epoch
+    lr = float(cfg["lr"]) * int(cfg["batch_size"]) / 256.0
+    temp_warm = int(cfg["warmup_teacher_temp_epochs"]) * steps_per_epoch
+    temps = np.concatenate([
+        np.linspace(float(cfg["warmup_teacher_temp"]), float(cfg["teacher_temp"]), temp_warm),
+        np.full(max(total - temp_warm, 0), float(cfg["teacher_temp"])),
+    ])[:total]
+    return DinoSchedules(
+        lr=cosine_schedule(lr, float(cfg["min_lr"]), total, int(cfg["warmup_epochs"]) * steps_per_epoch),
+        weight_decay=cosine_schedule(float(cfg["weight_decay"]), float(cfg["weight_decay_end"]), total),
+        momentum=cosine_schedule(float(cfg["momentum_teacher"]), 1.0, total),
+        teacher_temp=temps,
+    )
+
+
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, cfg: dict[str, Any],
+                  device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
+    """Train a ViT with DINO on ``records``; write the teacher backbone to ``out`` (safetensors)
+    and its training curve next to it (``<out>.curve.json``). Resumes from ``checkpoint_dir``."""
+    cfg = {**section_defaults("pretrain"), **cfg}
+    seed_everything(int(cfg["seed"]))
+    transform = MultiCrop(int(cfg["global_crop_size"]), int(cfg["local_crop_size"]), int(cfg["local_crops"]),
+                          tuple(cfg["global_scale"]), tuple(cfg["local_scale"]),
+                          tuple(cfg["color_jitter"]), float(cfg["grayscale_p"]))
+    data = ImageCrops(records, transform, on_bad_image)
+    batch_size = min(int(cfg["batch_size"]), len(data))
+    steps_per_epoch = max(len(data) // batch_size, 1)
+    sched = schedules(dict(cfg, batch_size=batch_size), steps_per_epoch)
+    student, teacher = build_student_teacher(cfg["arch"], int(cfg["out_dim"]), float(cfg["drop_path"]),
+                                             int(cfg["head_hidden_dim"]), int(cfg["head_bottleneck_dim"]),
+                                             bool(cfg["head_batchnorm"]), bool(cfg["norm_last_layer"]))
+    student.to(device)
+    teacher.to(device)
+    num_crops = 2 + int(cfg["local_crops"])
+    loss_fn = DinoLoss(int(cfg["out_dim"]), num_crops, float(cfg["student_temp"])).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)
+    curve: list[dict[str, float]] = []
+    start_epoch = 0
+    last = checkpoint_dir / "last.pt"
+    if last.is_file():
+        state = load_checkpoint(last)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        curve, start_epoch = state["curve"], int(state["epoch"])
+        log.info("resuming DINO pretraining from %s at epoch %d", last, start_epoch)
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    total = int(cfg["epochs"]) * steps_per_epoch
+    progress = ProgressLog(total, int(cfg["log_every"]), "dino")
+    for epoch in range(start_epoch, int(cfg["epochs"])):
+        generator.manual_seed(int(cfg["seed"]) * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                                             collate_fn=_collate, generator=generator,
+                                             num_workers=int(cfg["num_workers"]))
+        student.train()
+        epoch_loss = []
+        for i, crops in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            for g, group in enumerate(optimizer.param_groups):
+                group["lr"] = float(sched.lr[step])
+                if g == 0:
+                    group["weight_decay"] = float(sched.weight_decay[step])
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            with torch.no_grad():
+                teacher_out = teacher(crops[:2])
+            loss = loss_fn(student(crops), teacher_out, float(sched.teacher_temp[step]))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"DINO loss is {loss.item()} at step {step + 1}; lower pretrain.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if float(cfg["clip_grad"]) > 0:
+                nn.utils.clip_grad_norm_(student.parameters(), float(cfg["clip_grad"]))
+            if epoch < int(cfg["freeze_last_layer"]):
+                for p in student.head.prototypes.parameters():
+                    p.grad = None
+            optimizer.step()
+            ema_update(teacher, student, float(sched.momentum[step]))
+            epoch_loss.append(loss.item())
+            progress.step(step + 1, epoch + 1, {"loss": loss.item()}, float(sched.lr[step]))
+        curve.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                      "loss": float(np.mean(epoch_loss)), "lr": float(sched.lr[step]),
+                      "teacher_momentum": float(sched.momentum[step])})
+        save_checkpoint(last, {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                               "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": rng_state(), "curve": curve, "epoch": epoch + 1})
+    export_backbone(teacher.backbone, out, {"arch": cfg["arch"], "epochs": str(cfg["epochs"]),
+                                            "images": str(len(data))})
+    summary = {"arch": cfg["arch"], "images": len(data), "skipped": data.skipped,
+               "steps": total, "curve": curve}
+    write_json(Path(str(out) + ".curve.json"), summary)
+    return summary
+
+
+def export_backbone(backbone: nn.Module, out: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a ViT's weights (no head) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()
+             if not k.startswith("head")}
+    with atomic_path(out, suffix=".tmp.safetensors") as tmp:
+        save_file(state, str(tmp), metadata=metadata or {})
