@@ -97,9 +97,10 @@ def test_kmeans_change_reruns_clustering_and_after_but_no_mining(finished_run):
     cfg["clustering"]["seed"] = 7
     write_config(finished_run, cfg)
     planned = planned_rules(snakemake(finished_run, "-n"))
+    # patch_kmeans reads clustering.seed too (its K-means); mask_ap and stage_figure follow the detector
     assert planned == {"cluster", "train_detector", "predict_detector", "pseudo_labels",
                        "initial_labels", "train_segmentation", "predict_segmentation", "evaluate",
-                       "all"}
+                       "patch_kmeans", "mask_ap", "stage_figure", "all"}
     snakemake(finished_run)
     assert {p: p.stat().st_mtime_ns for p in shards + feats} == before
     assert planned_rules(snakemake(finished_run, "-n")) == set()
