@@ -22,6 +22,7 @@ from maskdistill.storage import (
     IGNORE_LABEL,
     atomic_path,
     decode_segmentation,
+    key_of_file,
     read_json,
     read_label_png,
     write_json,
@@ -214,10 +215,6 @@ def semantic_from_coco(coco: dict[str, Any], image_entry: dict[str, Any]) -> np.
     return _paste_semantic(anns, to_label, h, w, str(image_entry.get("file_name", image_id)))
 
 
-def _key(file_name: str) -> str:
-    return Path(file_name).as_posix().rsplit(".", 1)[0]
-
-
 def _gt_images(coco: dict[str, Any], gt_coco_path: Path) -> list[dict[str, Any]]:
     images = coco.get("images")
     if not images:
@@ -226,7 +223,7 @@ def _gt_images(coco: dict[str, Any], gt_coco_path: Path) -> list[dict[str, Any]]
         for field in ("id", "file_name", "height", "width"):
             if field not in im:
                 raise ValueError(f"{gt_coco_path}: image entry {im} lacks '{field}'")
-    return sorted(images, key=lambda im: _key(im["file_name"]))
+    return sorted(images, key=lambda im: key_of_file(im["file_name"]))
 
 
 # ---------------------------------------------------------------- ground-truth sources
@@ -253,7 +250,7 @@ def coco_ground_truth(gt_coco_path: Path, images_root: Path) -> GroundTruth:
     coco = read_json(gt_coco_path)
     to_label, names = category_labels(coco)
     index = _annotations_by_image(coco)
-    images = {_key(im["file_name"]): im for im in _gt_images(coco, gt_coco_path)}
+    images = {key_of_file(im["file_name"]): im for im in _gt_images(coco, gt_coco_path)}
 
     def load(key: str) -> np.ndarray:
         im = images[key]
@@ -450,6 +447,20 @@ def colourise(labels: np.ndarray, mapping: np.ndarray | None = None) -> np.ndarr
     return palette()[out]
 
 
+def draw_panel_row(axes_row: Sequence[Any], panels: Sequence[np.ndarray], key: str,
+                   titles: Sequence[str] | None = None, title_size: int = 10) -> None:
+    """One figure row: each panel without ticks, the image key on the left, titles if given."""
+    for c, panel in enumerate(panels):
+        ax = axes_row[c]
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[c], fontsize=title_size)
+        if c == 0:
+            ax.set_ylabel(key, fontsize=7)
+
+
 def _write_figure(
     out_figure: Path,
     rows: list[str],
@@ -481,15 +492,7 @@ def _write_figure(
             pred = _read_prediction(d, key, stage, labels.shape)
             panels.append(colourise(pred, mappings[stage]))
             seen.update(int(mappings[stage][v]) for v in np.unique(pred))
-        for c, panel in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(panel, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=10)
-            if c == 0:
-                ax.set_ylabel(key, fontsize=7)
+        draw_panel_row(axes[r], panels, key, titles if r == 0 else None)
     for ax in axes.ravel()[len(rows) * ncols:]:
         ax.axis("off")
     pal = palette() / 255.0

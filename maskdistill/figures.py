@@ -8,9 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from maskdistill.evaluation import colourise, palette
+from maskdistill.evaluation import colourise, draw_panel_row, palette
 from maskdistill.images import read_rgb
-from maskdistill.storage import atomic_path, decode_segmentation, read_json, read_label_png, read_mask_shard
+from maskdistill.storage import (
+    atomic_path,
+    decode_segmentation,
+    key_of_file,
+    read_json,
+    read_label_png,
+    read_mask_shard,
+)
 
 
 def attention_overlay(rgb: np.ndarray, affinity: np.ndarray) -> np.ndarray:
@@ -36,7 +43,7 @@ def mask_overlay(rgb: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[
 
 def _predictions_by_key(predictions: Path, min_score: float) -> dict[str, list[dict[str, Any]]]:
     coco = read_json(predictions)
-    names = {im["id"]: Path(im["file_name"]).with_suffix("").as_posix() for im in coco["images"]}
+    names = {im["id"]: key_of_file(im["file_name"]) for im in coco["images"]}
     out: dict[str, list[dict[str, Any]]] = {}
     for ann in sorted(coco["annotations"], key=lambda a: a.get("score", 1.0)):
         if ann.get("score", 1.0) >= min_score:
@@ -76,15 +83,7 @@ def stage_figure(keys: Sequence[str], images_root: Path, mask_shards: Sequence[P
         ]
         if ground_truth_dir is not None:
             panels.append(colourise(read_label_png(ground_truth_dir / f"{key}.png")))
-        for c, panel in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(panel, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=9)
-            if c == 0:
-                ax.set_ylabel(key, fontsize=7)
+        draw_panel_row(axes[r], panels, key, titles if r == 0 else None, title_size=9)
     fig.tight_layout()
     with atomic_path(out, suffix=".tmp.png") as tmp:
         fig.savefig(tmp, format="png")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from maskdistill.storage import read_json
+from maskdistill.storage import key_of_file, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,8 +117,7 @@ def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[
 
 
 def _key_of(path: Path, base: Path) -> str:
-    rel = path.relative_to(base).as_posix()
-    return rel.rsplit(".", 1)[0]
+    return key_of_file(path.relative_to(base).as_posix())
 
 
 def _check_unique(records: list[ImageRecord], base: Path) -> None:

@@ -36,7 +36,7 @@ from maskdistill.evaluation import (
     confusion_matrix,
     iou_matrix,
 )
-from maskdistill.storage import IGNORE_LABEL, decode_segmentation, read_json
+from maskdistill.storage import IGNORE_LABEL, box_iou, decode_segmentation, key_of_file, read_json
 
 log = logging.getLogger("maskdistill")
 
@@ -44,10 +44,6 @@ SETTINGS = ("multi", "single")
 
 
 # ---------------------------------------------------------------- reading
-
-
-def _key(file_name: str) -> str:
-    return Path(file_name).as_posix().rsplit(".", 1)[0]
 
 
 def load_predictions(predictions: Path, gt: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,9 +62,9 @@ def load_predictions(predictions: Path, gt: dict[str, Any]) -> list[dict[str, An
     gt_ids = {int(im["id"]) for im in gt["images"]}
     remap: dict[int, int] | None = None
     if images:
-        by_key = {_key(im["file_name"]): int(im["id"]) for im in gt["images"]}
-        remap = {int(im["id"]): by_key[_key(im["file_name"])] for im in images
-                 if _key(im["file_name"]) in by_key}
+        by_key = {key_of_file(im["file_name"]): int(im["id"]) for im in gt["images"]}
+        remap = {int(im["id"]): by_key[key_of_file(im["file_name"])] for im in images
+                 if key_of_file(im["file_name"]) in by_key}
     out = []
     for i, ann in enumerate(anns):
         for field in ("image_id", "category_id", "score", "segmentation"):
@@ -98,15 +94,6 @@ def _box(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
     if ys.size == 0:
         return np.zeros(4)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two x0, y0, x1, y1 boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def select_single(gt: dict[str, Any], preds: list[dict[str, Any]]) -> tuple[dict[str, Any], list]:

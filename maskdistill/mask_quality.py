@@ -8,16 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from maskdistill.storage import decode_segmentation, read_json, read_mask_shard
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two boxes [x0, y0, x1, y1]."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from maskdistill.storage import box_iou, decode_segmentation, key_of_file, read_json, read_mask_shard
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -30,14 +21,14 @@ def _gt_objects(coco: dict[str, Any]) -> dict[str, list[tuple[np.ndarray, list[f
     """Key (file name without extension) -> [(mask, box x0y0x1y1)] of its non-crowd objects."""
     images = {im["id"]: im for im in coco["images"]}
     out: dict[str, list[tuple[np.ndarray, list[float]]]] = {
-        Path(im["file_name"]).with_suffix("").as_posix(): [] for im in coco["images"]}
+        key_of_file(im["file_name"]): [] for im in coco["images"]}
     for ann in coco.get("annotations", []):
         if ann.get("iscrowd", 0):
             continue
         im = images[ann["image_id"]]
         mask = decode_segmentation(ann["segmentation"], int(im["height"]), int(im["width"]))
         x, y, w, h = ann["bbox"]
-        out[Path(im["file_name"]).with_suffix("").as_posix()].append((mask, [x, y, x + w, y + h]))
+        out[key_of_file(im["file_name"])].append((mask, [x, y, x + w, y + h]))
     return out
 
 

@@ -120,6 +120,20 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def key_of_file(file_name: str) -> str:
+    """An image's key: its (relative) file name without the extension."""
+    return Path(file_name).as_posix().rsplit(".", 1)[0]
+
+
+def box_iou(a, b) -> float:
+    """IoU of two boxes [x0, y0, x1, y1]."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def mask_to_box(mask: np.ndarray) -> list[float]:
     """Tight box [x0, y0, x1, y1] (exclusive end) of a bool mask; zeros when empty."""
     ys, xs = np.nonzero(mask)

@@ -9,10 +9,11 @@ from PIL import Image
 from maskdistill.baselines import labels_from_patches, patch_kmeans_baseline
 from maskdistill.figures import attention_overlay, stage_figure
 from maskdistill.images import ImageRecord
-from maskdistill.mask_quality import box_iou, mask_iou, mined_mask_quality
+from maskdistill.mask_quality import mask_iou, mined_mask_quality
 from maskdistill.storage import (
     MaskShardWriter,
     MinedMask,
+    box_iou,
     encode_rle,
     mask_to_box,
     read_label_png,
