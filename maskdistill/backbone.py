@@ -18,7 +18,11 @@ log = logging.getLogger("maskdistill")
 DEMO_VIT = "vit_demo_patch8_128"
 
 # timm registry entry for a small ViT that trains on CPUs (pretrain.arch in the demo config).
+# ``.dino_demo``: DINO-pretrained on the demo's train scenes (docs/pretraining.md), shipped in the package.
+DEMO_WEIGHTS = Path(__file__).parent / "weights" / f"{DEMO_VIT}.dino_demo.safetensors"
 default_cfgs = generate_default_cfgs({
+    f"{DEMO_VIT}.dino_demo": {"file": str(DEMO_WEIGHTS), "num_classes": 0, "input_size": (3, 128, 128),
+                              "license": "mit"},
     f"{DEMO_VIT}.untrained": {"num_classes": 0, "input_size": (3, 128, 128)},
 })
 

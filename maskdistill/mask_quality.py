@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from maskdistill.backbone import last_block_qk, patch_size
+from maskdistill.images import to_tensor
 from maskdistill.storage import box_iou, decode_segmentation, key_of_file, read_json, read_mask_shard
 
 
@@ -60,3 +63,25 @@ def mined_mask_quality(mask_shards: Sequence[Path], gt_instances: Path) -> dict[
     return {"mask_iou": 100.0 * float(np.mean(ious)), "corloc": 100.0 * float(np.mean(hits)),
             "images": len(ious), "missing": sum(1 for r in rows if r["key"] not in mined),
             "per_image": rows}
+
+
+def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray],
+                             foregrounds: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Share of the last block's CLS attention (per head, over patch tokens) that lands on object
+    patches, beside the share of patches the objects cover. A ViT that attends to objects has a
+    share well above the area; a random one sits at the area. ``foregrounds``: boolean (H, W)
+    masks; a patch is an object patch when objects cover more than half of it. Values in percent."""
+    ps = patch_size(model)
+    shares, areas = [], []
+    for rgb, fg in zip(images, foregrounds, strict=True):
+        h, w = (rgb.shape[0] // ps) * ps, (rgb.shape[1] // ps) * ps
+        q, k = last_block_qk(model, to_tensor(rgb[:h, :w])[None])
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        logits = (q[0, :, :1] @ k[0, :, prefix:].transpose(-1, -2))[:, 0] * q.shape[-1] ** -0.5
+        attn = logits.softmax(-1).numpy()  # heads x patches
+        cells = fg[:h, :w].reshape(h // ps, ps, w // ps, ps).mean(axis=(1, 3)).ravel() > 0.5
+        shares.append(attn[:, cells].sum(axis=1))
+        areas.append(cells.mean())
+    per_head = 100.0 * np.mean(shares, axis=0)
+    return {"share_per_head": [round(float(s), 2) for s in per_head],
+            "share": round(float(per_head.mean()), 2), "area": round(100.0 * float(np.mean(areas)), 2)}

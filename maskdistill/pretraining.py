@@ -81,7 +81,7 @@ class DinoModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Sequence[Tensor]) -> Tensor:
+    def forward(self, crops: Sequence[Tensor], return_cls: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         outs, start = [], 0
         sizes = [c.shape[-1] for c in crops]
         while start < len(crops):
@@ -90,24 +90,36 @@ class DinoModel(nn.Module):
                 end += 1
             outs.append(self.backbone.forward_features(torch.cat(list(crops[start:end])))[:, 0])
             start = end
-        return self.head(torch.cat(outs))
+        cls = torch.cat(outs)
+        return (self.head(cls), cls) if return_cls else self.head(cls)
 
 
 class DinoLoss(nn.Module):
     """Cross-entropy between sharpened, centred teacher outputs (global crops) and the student's
-    outputs of every other crop; the centre is an EMA of the teacher's batch mean."""
+    outputs of every other crop. Centring is DINO's EMA of the teacher's batch mean (``ema``) or a
+    Sinkhorn-Knopp equipartition of the teacher's assignments over the batch (``sinkhorn``)."""
 
     def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"pretrain.centering must be 'ema' or 'sinkhorn', not {centering!r}")
         self.num_crops = num_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """Target distributions of the teacher's outputs (rows sum to 1)."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher / teacher_temp, self.sinkhorn_iterations)
+        return F.softmax((teacher - self.center) / teacher_temp, dim=-1)
 
     def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float) -> Tensor:
         s_chunks = (student / self.student_temp).chunk(self.num_crops)
-        t_probs = F.softmax((teacher - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        t_probs = self.teacher_probs(teacher, teacher_temp).detach().chunk(2)
         total, terms = student.new_zeros(()), 0
         for iq, q in enumerate(t_probs):
             for v, s in enumerate(s_chunks):
@@ -122,6 +134,28 @@ class DinoLoss(nn.Module):
     def update_center(self, teacher: Tensor) -> None:
         batch_center = teacher.mean(dim=0, keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, iterations: int = 3) -> Tensor:
+    """Soft assignments of B samples to K prototypes with equal prototype mass over the batch
+    (alternating column and row normalisation of exp(logits)); each row sums to 1."""
+    q = torch.exp(logits.double() - logits.max()).t()  # K x B
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * k
+        q /= q.sum(dim=0, keepdim=True) * b
+    return (q * b).t().to(logits.dtype)
+
+
+def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy regulariser: minus the mean log distance of each L2-normalised
+    feature to its nearest neighbour in the batch (lower when features spread out)."""
+    x = F.normalize(features, dim=-1, eps=eps)
+    dist = torch.cdist(x, x)
+    dist = dist + torch.eye(len(x), dtype=x.dtype, device=x.device) * 1e3
+    return -torch.log(dist.min(dim=1).values + eps).mean()
 
 
 def build_student_teacher(arch: str, out_dim: int, drop_path: float, head_hidden: int,
@@ -296,7 +330,10 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
     student.to(device)
     teacher.to(device)
     num_crops = 2 + int(cfg["local_crops"])
-    loss_fn = DinoLoss(int(cfg["out_dim"]), num_crops, float(cfg["student_temp"])).to(device)
+    loss_fn = DinoLoss(int(cfg["out_dim"]), num_crops, float(cfg["student_temp"]),
+                       centering=str(cfg["centering"]),
+                       sinkhorn_iterations=int(cfg["sinkhorn_iterations"])).to(device)
+    koleo_weight = float(cfg["koleo_weight"])
     optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)
     curve: list[dict[str, float]] = []
     start_epoch = 0
@@ -319,7 +356,8 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
                                              collate_fn=_collate, generator=generator,
                                              num_workers=int(cfg["num_workers"]))
         student.train()
-        epoch_loss = []
+        epoch_loss: list[float] = []
+        epoch_koleo: list[float] = []
         for i, crops in enumerate(loader):
             step = epoch * steps_per_epoch + i
             for g, group in enumerate(optimizer.param_groups):
@@ -329,7 +367,10 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
             crops = [c.to(device, non_blocking=True) for c in crops]
             with torch.no_grad():
                 teacher_out = teacher(crops[:2])
-            loss = loss_fn(student(crops), teacher_out, float(sched.teacher_temp[step]))
+            student_out, student_cls = student(crops, return_cls=True)
+            dino = loss_fn(student_out, teacher_out, float(sched.teacher_temp[step]))
+            koleo = sum(koleo_loss(c) for c in student_cls[:2 * len(crops[0])].chunk(2))
+            loss = dino + koleo_weight * koleo if koleo_weight > 0 else dino
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"DINO loss is {loss.item()} at step {step + 1}; lower pretrain.lr")
             optimizer.zero_grad(set_to_none=True)
@@ -341,10 +382,13 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
                     p.grad = None
             optimizer.step()
             ema_update(teacher, student, float(sched.momentum[step]))
-            epoch_loss.append(loss.item())
-            progress.step(step + 1, epoch + 1, {"loss": loss.item()}, float(sched.lr[step]))
+            epoch_loss.append(dino.item())
+            epoch_koleo.append(float(koleo))
+            progress.step(step + 1, epoch + 1, {"loss": dino.item(), "koleo": float(koleo)},
+                          float(sched.lr[step]))
         curve.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                      "loss": float(np.mean(epoch_loss)), "lr": float(sched.lr[step]),
+                      "loss": float(np.mean(epoch_loss)), "koleo": float(np.mean(epoch_koleo)),
+                      "lr": float(sched.lr[step]),
                       "teacher_momentum": float(sched.momentum[step])})
         save_checkpoint(last, {"student": student.state_dict(), "teacher": teacher.state_dict(),
                                "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from maskdistill.backbone import create_vit
 from maskdistill.baselines import labels_from_patches, patch_kmeans_baseline
 from maskdistill.figures import attention_overlay, stage_figure
 from maskdistill.images import ImageRecord
@@ -113,3 +115,28 @@ def test_stage_figure_has_one_row_per_image_and_a_column_per_stage(tmp_path):
                  tmp_path / "seg", tmp_path / "fig.png")
     w, h = Image.open(tmp_path / "fig.png").size
     assert (w, h) == (5 * 220, 2 * 220)
+
+
+def test_cls_attention_share_counts_object_patches(monkeypatch):
+    from maskdistill import mask_quality
+
+    vit = create_vit("vit_demo_patch8_128")
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    fg = np.zeros((32, 32), bool)
+    fg[:8, :16] = True  # patches 0 and 1 of the 4x4 grid: 2 of 16 (12.5 %)
+    heads, prefix = 3, vit.num_prefix_tokens
+
+    def fake_qk(model, x):
+        q = torch.zeros(1, heads, prefix + 16, 4)
+        k = torch.zeros(1, heads, prefix + 16, 4)
+        q[0, :, 0, 0] = 1.0
+        k[0, 0, prefix:prefix + 2, 0] = 100.0  # head 0 looks at the object patches only
+        k[0, 1, prefix + 5, 0] = 100.0  # head 1 at one background patch; head 2 is uniform
+        return q, k
+
+    monkeypatch.setattr(mask_quality, "last_block_qk", fake_qk)
+    out = mask_quality.cls_attention_on_objects(vit, [rgb], [fg])
+    assert out["area"] == 12.5
+    assert out["share_per_head"][0] == pytest.approx(100.0, abs=0.01)
+    assert out["share_per_head"][1] == pytest.approx(0.0, abs=0.01)
+    assert out["share_per_head"][2] == pytest.approx(12.5, abs=0.01)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from maskdistill import pretraining as P
@@ -48,6 +49,42 @@ def test_loss_skips_the_pairs_of_a_view_with_itself():
     # student crop 0 matches teacher crop 1 and vice versa: only cross pairs count -> near zero
     student = torch.tensor([[0, 50.0, 0, 0], [50.0, 0, 0, 0]])
     assert loss_fn(student, teacher, 0.01).item() < 1e-3
+
+
+def test_sinkhorn_spreads_a_batch_that_prefers_one_prototype_over_all_prototypes():
+    batch, dim = 8, 4
+    logits = torch.zeros(batch, dim)
+    logits[:, 0] = 3.0  # every sample prefers prototype 0
+    logits[torch.arange(batch), torch.arange(batch) % dim] += 0.5  # ... with a per-sample tie-break
+    q = P.sinkhorn_knopp(logits / 0.1, iterations=50)
+    assert torch.allclose(q.sum(dim=1), torch.ones(batch), atol=1e-5)
+    assert torch.allclose(q.sum(dim=0), torch.full((dim,), batch / dim), atol=1e-3)
+    # each sample ends on its tie-break prototype, not on the one they all preferred
+    assert torch.equal(q.argmax(dim=1), torch.arange(batch) % dim)
+    ema = P.DinoLoss(dim, 2).teacher_probs(logits, 0.1)
+    assert torch.equal(ema.argmax(dim=1), torch.zeros(batch, dtype=torch.long))
+
+
+def test_sinkhorn_centring_keeps_the_loss_below_log_dim_on_an_informative_teacher():
+    dim = batch = 8
+    views = torch.eye(dim)[torch.randperm(dim, generator=torch.Generator().manual_seed(0))]
+    teacher = torch.cat([views, views])  # both global crops of an image agree
+    student = torch.cat([views] * 4) * 10  # 4 crops: 2 global + 2 local, all agreeing
+    loss = P.DinoLoss(dim, 4, centering="sinkhorn")(student, teacher, 0.04)
+    assert loss.item() < 0.5 * math.log(dim)
+    with pytest.raises(ValueError, match="centering"):
+        P.DinoLoss(dim, 4, centering="mean")
+
+
+def test_koleo_is_lower_for_spread_features_and_pushes_neighbours_apart():
+    spread = torch.eye(4)
+    clumped = torch.tensor([[1.0, 0, 0, 0], [1.0, 0.05, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    assert P.koleo_loss(spread) < P.koleo_loss(clumped)
+    x = clumped.clone().requires_grad_(True)
+    P.koleo_loss(x).backward()
+    step = F.normalize(x - 0.1 * x.grad, dim=-1)
+    assert torch.dist(step[0], step[1]) > torch.dist(F.normalize(clumped[0], dim=0),
+                                                     F.normalize(clumped[1], dim=0))
 
 
 def test_ema_update_is_exact():
