@@ -66,7 +66,7 @@ def test_sinkhorn_spreads_a_batch_that_prefers_one_prototype_over_all_prototypes
 
 
 def test_sinkhorn_centring_keeps_the_loss_below_log_dim_on_an_informative_teacher():
-    dim = batch = 8
+    dim = 8  # batch of 8 images, one prototype each
     views = torch.eye(dim)[torch.randperm(dim, generator=torch.Generator().manual_seed(0))]
     teacher = torch.cat([views, views])  # both global crops of an image agree
     student = torch.cat([views] * 4) * 10  # 4 crops: 2 global + 2 local, all agreeing
