@@ -81,6 +81,15 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     cfg = _config(a.config)
     records, root = _records(cfg, "train", mined_only=False)
     ckpt = prepare_checkpoint_dir(Path(a.checkpoint_dir), [cfg["pretrain"], digest_path(root)])
+    scenes = cfg["pretrain"].get("demo_scenes")
+    if cfg["dataset"]["source"] == "demo" and scenes:
+        from maskdistill.demo import generate_demo
+        from maskdistill.images import list_image_folder
+
+        root = ckpt / "scenes"
+        log.info("drawing %d demo train scenes for pretraining into %s", scenes, root)
+        generate_demo(root, {**cfg["dataset"]["demo"], "num_train": int(scenes)}, splits=("train",))
+        records = list_image_folder(root / "train" / "images")
     summary = pretrain_dino(records, Path(a.out), ckpt, cfg["pretrain"], resolve_device(cfg["device"]),
                             cfg["dataset"]["on_bad_image"])
     log.info("pretrained %s on %d images, %d steps", summary["arch"], summary["images"], summary["steps"])

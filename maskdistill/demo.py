@@ -33,10 +33,10 @@ def demo_image_keys(cfg: dict[str, Any], split: str) -> list[str]:
     return [f"scene_{i:0{width}d}" for i in range(count)]
 
 
-def generate_demo(out_dir: Path, cfg: dict[str, Any]) -> None:
-    """Write images, COCO instances and semantic label maps of both demo splits under ``out_dir``."""
+def generate_demo(out_dir: Path, cfg: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> None:
+    """Write images, COCO instances and semantic label maps of the demo splits under ``out_dir``."""
     _check_cfg(cfg)
-    for split in SPLITS:
+    for split in splits:
         root = Path(out_dir) / split
         images, annotations = [], []
         for index, key in enumerate(demo_image_keys(cfg, split)):

@@ -223,7 +223,7 @@ class MultiCrop:
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4),
                  color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-                 grayscale_p: float = 0.2):
+                 grayscale_p: float = 0.2, solarize_p: float = 0.2):
         flip_colour = v2.Compose([
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
@@ -235,7 +235,7 @@ class MultiCrop:
         self.global1 = v2.Compose([v2.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
                                    flip_colour, _Blur(1.0), finish])
         self.global2 = v2.Compose([v2.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
-                                   flip_colour, _Blur(0.1), _Solarize(0.2), finish])
+                                   flip_colour, _Blur(0.1), _Solarize(solarize_p), finish])
         self.local = v2.Compose([v2.RandomResizedCrop(local_size, local_scale, interpolation=bicubic),
                                  flip_colour, _Blur(0.5), finish])
         self.num_local = num_local
@@ -319,7 +319,7 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
     seed_everything(int(cfg["seed"]))
     transform = MultiCrop(int(cfg["global_crop_size"]), int(cfg["local_crop_size"]), int(cfg["local_crops"]),
                           tuple(cfg["global_scale"]), tuple(cfg["local_scale"]),
-                          tuple(cfg["color_jitter"]), float(cfg["grayscale_p"]))
+                          tuple(cfg["color_jitter"]), float(cfg["grayscale_p"]), float(cfg["solarize_p"]))
     data = ImageCrops(records, transform, on_bad_image)
     batch_size = min(int(cfg["batch_size"]), len(data))
     steps_per_epoch = max(len(data) // batch_size, 1)
@@ -383,8 +383,8 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
             optimizer.step()
             ema_update(teacher, student, float(sched.momentum[step]))
             epoch_loss.append(dino.item())
-            epoch_koleo.append(float(koleo))
-            progress.step(step + 1, epoch + 1, {"loss": dino.item(), "koleo": float(koleo)},
+            epoch_koleo.append(float(koleo.detach()))
+            progress.step(step + 1, epoch + 1, {"loss": dino.item(), "koleo": float(koleo.detach())},
                           float(sched.lr[step]))
         curve.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                       "loss": float(np.mean(epoch_loss)), "koleo": float(np.mean(epoch_koleo)),

@@ -177,3 +177,26 @@ def test_exported_teacher_loads_into_the_mining_backbone(tmp_path):
 def test_empty_image_list_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="at least one readable image"):
         P.pretrain_dino([], tmp_path / "x.safetensors", tmp_path / "c", TINY, torch.device("cpu"))
+
+
+def test_demo_scenes_pretrains_on_more_generated_train_scenes_than_the_split(tmp_path, monkeypatch):
+    import json
+
+    from maskdistill.cli import main
+    from maskdistill.demo import draw_scene
+
+    monkeypatch.chdir(tmp_path)
+    demo = {"num_train": 2, "num_val": 1, "image_size": 32, "min_objects": 1, "max_objects": 1, "seed": 5}
+    cfg = json.dumps({"device": "cpu", "dataset": {"source": "demo", "demo": demo},
+                      "pretrain": dict(TINY, epochs=1, batch_size=6, demo_scenes=6)})
+    assert main(["make-demo", "--config", cfg, "--out", "results/demo"]) == 0
+    assert main(["pretrain", "--config", cfg, "--checkpoint-dir", "ck", "--out", "b.safetensors"]) == 0
+    summary = json.loads((tmp_path / "b.safetensors.curve.json").read_text())
+    assert summary["images"] == 6
+    scenes = sorted((tmp_path / "ck" / "scenes" / "train" / "images").iterdir())
+    assert len(scenes) == 6 and not (tmp_path / "ck" / "scenes" / "val").exists()
+    # the split's own scenes are the first of them: the same generator, the same pixels
+    first = np.asarray(Image.open(scenes[0]))
+    split_scene = tmp_path / "results" / "demo" / "train" / "images" / scenes[0].name
+    assert np.array_equal(first, np.asarray(Image.open(split_scene)))
+    assert np.array_equal(first, draw_scene(demo, "train", 0)[0])
