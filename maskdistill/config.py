@@ -181,6 +181,9 @@ def weight_notes(cfg: dict[str, Any]) -> list[str]:
         bb = cfg[stage]["backbone"]
         if bb.get("checkpoint"):
             source = f"weights from {bb['checkpoint']}"
+        elif bb.get("pretrained") and bb["name"].endswith(".dino_demo"):
+            source = ("DINO weights pretrained on the demo's unlabeled train scenes, shipped in "
+                      "maskdistill/weights/ (docs/pretraining.md)")
         elif bb.get("pretrained"):
             source = "pretrained timm hub weights"
         else:

@@ -42,6 +42,7 @@ class MiningParams:
     cls_heads: int | None = None  # first heads for the CLS affinity; None = all but the last
     mass: float = 0.5  # share of the CLS affinity "mass" kept, DINO-style
     proposal_ratio: float = 0.4  # top share of patches used as proposals
+    center_keys: bool = False  # subtract the image's mean key before G (not in the paper; see config)
 
 
 @dataclass
@@ -87,6 +88,8 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
     seed = int(proposals[0])
     # G = sum_h K_h K_h^T = K K^T with heads concatenated; only the rows we need are formed.
     keys = k_patch.permute(1, 0, 2).reshape(n, -1)  # (n, heads*d)
+    if params.center_keys:  # a key component shared by every patch makes all of G positive
+        keys = keys - keys.mean(0, keepdim=True)
     g_seed = keys[proposals] @ keys[seed]
     similar = proposals[g_seed > 0]
     potential = keys @ keys[similar].sum(0)  # sum over kept proposals of their rows of G
@@ -167,7 +170,8 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     bb = cfg["backbone"]
     model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
     patch = patch_size(model)
-    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"])
+    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"],
+                          bool(cfg.get("center_keys", False)))
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
              "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}

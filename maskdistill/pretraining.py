@@ -8,6 +8,7 @@ softened. The teacher backbone is what mining and clustering load afterwards.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -394,9 +395,10 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
                                "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                                "rng": rng_state(), "curve": curve, "epoch": epoch + 1})
     export_backbone(teacher.backbone, out, {"arch": cfg["arch"], "epochs": str(cfg["epochs"]),
-                                            "images": str(len(data))})
-    summary = {"arch": cfg["arch"], "images": len(data), "skipped": data.skipped,
-               "steps": total, "curve": curve}
+                                            "images": str(len(data)),
+                                            "pretrain_config": json.dumps(cfg, sort_keys=True, default=str)})
+    summary = {"arch": cfg["arch"], "images": len(data), "out_dim": int(cfg["out_dim"]),
+               "skipped": data.skipped, "steps": total, "curve": curve}
     write_json(Path(str(out) + ".curve.json"), summary)
     return summary
 

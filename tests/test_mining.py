@@ -11,6 +11,7 @@ from maskdistill.mining import MiningParams, mask_from_qk, mass_threshold, upsam
 
 U = torch.tensor([1.0, 0.0, 0.0, 0.0])  # "object" key direction
 V = torch.tensor([0.0, 1.0, 0.0, 0.0])
+W = torch.tensor([0.0, 0.0, 1.0, 0.0])  # a component every key can share
 
 
 def build_qk(keys: torch.Tensor, cls_aff: torch.Tensor, heads: int = 3):
@@ -121,6 +122,18 @@ def test_proposal_count_limits_the_expansion():
     q, k = build_qk(keys, aff2.expand(3, -1))
     pm2 = mask_from_qk(q, k, (1, 10), MiningParams(proposal_ratio=0.2))
     assert pm2.mask.ravel().tolist() == [False] * 8 + [True] * 2
+
+
+def test_centred_keys_stop_a_shared_key_component_from_flooding_the_mask():
+    # Object keys U, background keys -U, all plus a large shared component W: every raw key
+    # affinity is positive, so the raw expansion takes the whole strip; centred keys do not.
+    keys = torch.stack([U, U, U, -U, -U, -U]) + 3.0 * W
+    aff = torch.tensor([5.0, 4.5, 4.5, 0.1, 0.1, 0.1])
+    q, k = build_qk(keys, aff.expand(3, -1))
+    flooded = mask_from_qk(q, k, (1, 6), MiningParams(proposal_ratio=0.5))
+    assert flooded.mask.all()
+    centred = mask_from_qk(q, k, (1, 6), MiningParams(proposal_ratio=0.5, center_keys=True))
+    assert centred.mask.ravel().tolist() == [True, True, True, False, False, False]
 
 
 def test_cls_heads_outside_range_names_the_key():

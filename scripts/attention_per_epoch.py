@@ -1,0 +1,49 @@
+"""CLS attention on objects of ViT weights, on the demo's val scenes (drawn, not read from disk).
+
+    uv run python scripts/attention_per_epoch.py --out attention.json ckpt/e001.safetensors ...
+
+Each file's epoch is the number in its name (``e012`` -> 12). Writes, per file, the share of the
+last block's CLS attention (each head) on object patches and the objects' area; a random ViT sits
+at the area. ``--random`` adds the randomly initialised ViT as epoch 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from maskdistill.backbone import DEMO_VIT, create_vit
+from maskdistill.config import section_defaults
+from maskdistill.demo import draw_scene
+from maskdistill.mask_quality import cls_attention_on_objects
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights", nargs="*", type=Path)
+    ap.add_argument("--config", type=Path, default=REPO / "config.yaml", help="demo settings of the scenes")
+    ap.add_argument("--arch", default=DEMO_VIT)
+    ap.add_argument("--random", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    demo = {**section_defaults("dataset")["demo"], **yaml.safe_load(a.config.read_text())["dataset"]["demo"]}
+    scenes = [draw_scene(demo, "val", i) for i in range(int(demo["num_val"]))]
+    images, fgs = [s[0] for s in scenes], [s[1] > 0 for s in scenes]
+    rows = []
+    runs = ([(0, None)] if a.random else []) + [
+        (int(re.search(r"(\d+)", w.stem).group(1)), w) for w in a.weights]
+    for epoch, weights in sorted(runs, key=lambda r: r[0]):
+        vit = create_vit(a.arch, checkpoint=str(weights) if weights else None)
+        rows.append({"epoch": epoch, **cls_attention_on_objects(vit, images, fgs)})
+        print(rows[-1], flush=True)
+    a.out.write_text(json.dumps({"arch": a.arch, "images": len(images), "epochs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
