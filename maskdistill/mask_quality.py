@@ -72,11 +72,11 @@ def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray
     share well above the area; a random one sits at the area. ``foregrounds``: boolean (H, W)
     masks; a patch is an object patch when objects cover more than half of it. Values in percent."""
     ps = patch_size(model)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
     shares, areas = [], []
     for rgb, fg in zip(images, foregrounds, strict=True):
         h, w = (rgb.shape[0] // ps) * ps, (rgb.shape[1] // ps) * ps
         q, k = last_block_qk(model, to_tensor(rgb[:h, :w])[None])
-        prefix = int(getattr(model, "num_prefix_tokens", 1))
         logits = (q[0, :, :1] @ k[0, :, prefix:].transpose(-1, -2))[:, 0] * q.shape[-1] ** -0.5
         attn = logits.softmax(-1).numpy()  # heads x patches
         cells = fg[:h, :w].reshape(h // ps, ps, w // ps, ps).mean(axis=(1, 3)).ravel() > 0.5

@@ -170,8 +170,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     bb = cfg["backbone"]
     model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
     patch = patch_size(model)
-    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"],
-                          bool(cfg.get("center_keys", False)))
+    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"], cfg["center_keys"])
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
              "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}

@@ -383,10 +383,10 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
                     p.grad = None
             optimizer.step()
             ema_update(teacher, student, float(sched.momentum[step]))
-            epoch_loss.append(dino.item())
-            epoch_koleo.append(float(koleo.detach()))
-            progress.step(step + 1, epoch + 1, {"loss": dino.item(), "koleo": float(koleo.detach())},
-                          float(sched.lr[step]))
+            losses = {"loss": dino.item(), "koleo": float(koleo.detach())}
+            epoch_loss.append(losses["loss"])
+            epoch_koleo.append(losses["koleo"])
+            progress.step(step + 1, epoch + 1, losses, float(sched.lr[step]))
         curve.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                       "loss": float(np.mean(epoch_loss)), "koleo": float(np.mean(epoch_koleo)),
                       "lr": float(sched.lr[step]),
