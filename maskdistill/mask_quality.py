@@ -1,4 +1,6 @@
-"""Class-agnostic quality of the mined masks: best-match mask IoU and CorLoc against ground truth."""
+"""Diagnostics of the mining backbone and its masks against ground truth: class-agnostic quality of
+the mined masks (best-match IoU, CorLoc), CLS attention on objects, and how well the clustering
+features of ground-truth objects separate their categories."""
 
 from __future__ import annotations
 
@@ -8,10 +10,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.model_selection import cross_val_score
 
-from maskdistill.backbone import last_block_qk, patch_size
+from maskdistill.backbone import cls_features, last_block_qk, patch_size
+from maskdistill.clustering import crop_box, whiten
 from maskdistill.images import to_tensor
-from maskdistill.storage import box_iou, decode_segmentation, key_of_file, read_json, read_mask_shard
+from maskdistill.storage import (
+    box_iou,
+    decode_segmentation,
+    key_of_file,
+    mask_to_box,
+    read_json,
+    read_mask_shard,
+)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -85,3 +99,56 @@ def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray
     per_head = 100.0 * np.mean(shares, axis=0)
     return {"share_per_head": [round(float(s), 2) for s in per_head],
             "share": round(float(per_head.mean()), 2), "area": round(100.0 * float(np.mean(areas)), 2)}
+
+
+def object_crop_features(model: torch.nn.Module, images: Sequence[np.ndarray],
+                         instance_maps: Sequence[np.ndarray], crop_size: int,
+                         batch_size: int = 64) -> np.ndarray:
+    """The clustering stage's feature (CLS of the box crop at ``crop_size``) of every ground-truth
+    object, in image order then instance id order. ``instance_maps``: (H, W) ints, 0 = background,
+    object n = n."""
+    crops = [to_tensor(crop_box(rgb, mask_to_box(inst == n), crop_size))
+             for rgb, inst in zip(images, instance_maps, strict=True)
+             for n in range(1, int(inst.max()) + 1) if (inst == n).any()]
+    if not crops:
+        raise ValueError("no ground-truth object to describe")
+    with torch.no_grad():
+        return np.concatenate([cls_features(model, torch.stack(crops[i:i + batch_size])).float().numpy()
+                               for i in range(0, len(crops), batch_size)])
+
+
+def category_separability(features: np.ndarray, categories: Sequence[int],
+                          seeds: Sequence[int] = (0, 1, 2), folds: int = 5) -> dict[str, Any]:
+    """How much of the object category the features carry, as the clustering stage sees them
+    (whitened, L2-normalised). ``kmeans_nmi``: NMI between K-means clusters (K = number of
+    categories, one run per seed) and the categories (0 = clusters ignore the category, 100 = they
+    are the categories). ``linear_accuracy``: cross-validated accuracy of a logistic regression
+    on the standardised features trained on the categories, a supervised ceiling that shows whether
+    the information is there at all. Percent."""
+    y = np.asarray(categories)
+    if len(y) != len(features):
+        raise ValueError(f"{len(features)} feature rows but {len(y)} categories")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2 or counts.min() < folds:
+        raise ValueError(f"need at least 2 categories with {folds} objects each, got counts "
+                         f"{dict(zip(classes.tolist(), counts.tolist(), strict=True))}")
+    mean, std = features.mean(0), features.std(0)
+    z = whiten(features, mean, std)
+    nmis = [100.0 * normalized_mutual_info_score(y, KMeans(len(classes), n_init=3, random_state=s)
+                                                 .fit_predict(z)) for s in seeds]
+    standardised = (features - mean) / np.maximum(std, 1e-6)
+    acc = cross_val_score(LogisticRegression(C=10.0, max_iter=5000), standardised, y, cv=folds).mean()
+    return {"kmeans_nmi": round(float(np.mean(nmis)), 2), "kmeans_nmi_std": round(float(np.std(nmis)), 2),
+            "linear_accuracy": round(100.0 * float(acc), 2), "chance_accuracy":
+            round(100.0 * float(counts.max() / counts.sum()), 2), "objects": int(len(y))}
+
+
+def scene_category_separability(model: torch.nn.Module,
+                                scenes: Sequence[tuple[np.ndarray, np.ndarray, Sequence[int]]],
+                                crop_size: int) -> dict[str, Any]:
+    """``category_separability`` of the clustering features of every object in ``scenes``, given as
+    (rgb, instance map, category of instance n at n - 1), e.g. drawn demo scenes."""
+    cats = [int(c) for _, inst, inst_cats in scenes for n, c in enumerate(inst_cats, start=1)
+            if (inst == n).any()]
+    feats = object_crop_features(model, [s[0] for s in scenes], [s[1] for s in scenes], crop_size)
+    return category_separability(feats, cats)

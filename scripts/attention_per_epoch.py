@@ -1,10 +1,13 @@
-"""CLS attention on objects of ViT weights, on the demo's val scenes (drawn, not read from disk).
+"""CLS attention on objects and category separability of ViT weights, on demo val-split scenes.
 
     uv run python scripts/attention_per_epoch.py --out attention.json ckpt/e001.safetensors ...
 
 Each file's epoch is the number in its name (``e012`` -> 12). Writes, per file, the share of the
 last block's CLS attention (each head) on object patches and the objects' area; a random ViT sits
-at the area. ``--random`` adds the randomly initialised ViT as epoch 0.
+at the area. ``--categories N`` also clusters the clustering stage's features (CLS of box crops)
+of the ground-truth objects of N val-split scenes (drawn, never trained on) and reports their NMI
+with the categories and a linear probe's accuracy (``mask_quality.category_separability``).
+``--random`` adds the randomly initialised ViT as epoch 0.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import yaml
 from maskdistill.backbone import DEMO_VIT, create_vit
 from maskdistill.config import section_defaults
 from maskdistill.demo import draw_scene
-from maskdistill.mask_quality import cls_attention_on_objects
+from maskdistill.mask_quality import cls_attention_on_objects, scene_category_separability
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +33,24 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=REPO / "config.yaml", help="demo settings of the scenes")
     ap.add_argument("--arch", default=DEMO_VIT)
     ap.add_argument("--random", action="store_true")
+    ap.add_argument("--categories", type=int, default=0, metavar="N",
+                    help="scenes whose objects measure category separability (0: skip)")
+    ap.add_argument("--crop-size", type=int, default=128, help="clustering crop size")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     demo = {**section_defaults("dataset")["demo"], **yaml.safe_load(a.config.read_text())["dataset"]["demo"]}
     scenes = [draw_scene(demo, "val", i) for i in range(int(demo["num_val"]))]
     images, fgs = [s[0] for s in scenes], [s[1] > 0 for s in scenes]
+    cat_demo = {**demo, "num_val": max(int(demo["num_val"]), a.categories)}
+    cat_scenes = [draw_scene(cat_demo, "val", i) for i in range(a.categories)]
     rows = []
     runs = ([(0, None)] if a.random else []) + [
         (int(re.search(r"(\d+)", w.stem).group(1)), w) for w in a.weights]
     for epoch, weights in sorted(runs, key=lambda r: r[0]):
         vit = create_vit(a.arch, checkpoint=str(weights) if weights else None)
         rows.append({"epoch": epoch, **cls_attention_on_objects(vit, images, fgs)})
+        if cat_scenes:
+            rows[-1]["categories"] = scene_category_separability(vit, cat_scenes, a.crop_size)
         print(rows[-1], flush=True)
     a.out.write_text(json.dumps({"arch": a.arch, "images": len(images), "epochs": rows}, indent=2) + "\n")
 

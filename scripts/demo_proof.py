@@ -9,7 +9,9 @@ stages; mining is deterministic). Runs after the first start from a copy of the 
 directory, so Snakemake reruns only what the seeds touch. ``--random-vit`` adds the same pipeline
 with the mining and clustering ViT randomly initialised (same architecture, no weights). Writes
 ``proof.json`` and ``proof.md`` under ``--out`` and merges the summary into the first run's
-``results/metrics.json`` under ``"proof"``.
+``results/metrics.json`` under ``"proof"``. ``--categories N`` (default 256) also measures how well
+each backbone's clustering features separate the categories of the objects of N val-split scenes
+(K-means NMI and a linear probe's accuracy; see ``mask_quality.category_separability``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from maskdistill.backbone import create_vit
+from maskdistill.config import section_defaults
+from maskdistill.demo import draw_scene
+from maskdistill.mask_quality import scene_category_separability
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("patch_kmeans", "initial_masks", "maskrcnn", "segmentation")
@@ -94,6 +101,17 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backbone_semantics(cfg: dict[str, Any], scenes: int) -> dict[str, float]:
+    """Category separability of the clustering backbone of ``cfg`` on ``scenes`` val-split scenes."""
+    demo = {**section_defaults("dataset")["demo"], **cfg["dataset"].get("demo", {})}
+    demo["num_val"] = max(int(demo["num_val"]), scenes)
+    bb = cfg["clustering"]["backbone"]
+    vit = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint"))
+    out = scene_category_separability(vit, [draw_scene(demo, "val", i) for i in range(scenes)],
+                                      int(cfg["clustering"]["crop_size"]))
+    return {"category_kmeans_nmi": out["kmeans_nmi"], "category_linear_accuracy": out["linear_accuracy"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "config.yaml"))
@@ -101,6 +119,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--random-vit", action="store_true", help="also run with a random-init ViT")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--categories", type=int, default=256, metavar="N",
+                    help="val-split scenes for the category separability of each backbone (0: skip)")
     a = ap.parse_args()
     cfg = yaml.safe_load(Path(a.config).read_text())
     out = Path(a.out)
@@ -112,11 +132,16 @@ def main() -> None:
             shutil.copytree(first, workdir, symlinks=True)  # reuse mining: only seeded rules rerun
         print(f"seed {seed}: {workdir}", flush=True)
         rows.append(summarise(run_pipeline(workdir, seeded(cfg, seed), a.cores)))
+    if a.categories:
+        semantics = backbone_semantics(cfg, a.categories)
+        rows = [{**row, **semantics} for row in rows]
     summary: dict[str, Any] = {"seeds": a.seeds, "pretrained": mean_std(rows)}
     if a.random_vit:
         print("random-init ViT", flush=True)
         rand_cfg = seeded(random_vit(cfg), a.seeds[0])
         summary["random_vit"] = summarise(run_pipeline(out / "random-vit", rand_cfg, a.cores))
+        if a.categories:
+            summary["random_vit"].update(backbone_semantics(rand_cfg, a.categories))
     (out / "proof.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "proof.md").write_text(markdown(summary))
     metrics_path = first / "results" / "metrics.json"

@@ -11,7 +11,12 @@ from maskdistill.backbone import create_vit
 from maskdistill.baselines import labels_from_patches, patch_kmeans_baseline
 from maskdistill.figures import attention_overlay, stage_figure
 from maskdistill.images import ImageRecord
-from maskdistill.mask_quality import mask_iou, mined_mask_quality
+from maskdistill.mask_quality import (
+    category_separability,
+    mask_iou,
+    mined_mask_quality,
+    object_crop_features,
+)
 from maskdistill.storage import (
     MaskShardWriter,
     MinedMask,
@@ -140,3 +145,46 @@ def test_cls_attention_share_counts_object_patches(monkeypatch):
     assert out["share_per_head"][0] == pytest.approx(100.0, abs=0.01)
     assert out["share_per_head"][1] == pytest.approx(0.0, abs=0.01)
     assert out["share_per_head"][2] == pytest.approx(12.5, abs=0.01)
+
+
+def test_category_separability_of_clustered_features_is_high():
+    rng = np.random.default_rng(0)
+    cats = np.repeat(np.arange(1, 5), 25)
+    centres = rng.normal(size=(4, 16)) * 10
+    out = category_separability(centres[cats - 1] + rng.normal(size=(100, 16)), cats)
+    assert out["kmeans_nmi"] > 95 and out["linear_accuracy"] == 100.0
+    assert out["chance_accuracy"] == 25.0 and out["objects"] == 100
+
+
+def test_a_weak_category_cue_under_strong_nuisance_is_linear_but_not_clustered():
+    # 20 nuisance dimensions (like the objects' random colours) and one that holds the category
+    rng = np.random.default_rng(1)
+    cats = np.repeat(np.arange(1, 5), 50)
+    cue = 3.0 * cats[:, None] + 0.1 * rng.normal(size=(200, 1))
+    feats = np.concatenate([rng.normal(size=(200, 20)), cue], 1)
+    out = category_separability(feats, cats)
+    assert out["kmeans_nmi"] < 20
+    assert out["linear_accuracy"] > 90
+
+
+def test_category_separability_refuses_bad_input():
+    feats = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="10 feature rows but 9 categories"):
+        category_separability(feats, [1] * 9)
+    with pytest.raises(ValueError, match="at least 2 categories"):
+        category_separability(feats, [1] * 8 + [2] * 2)
+
+
+def test_object_crop_features_describe_each_object_by_its_box():
+    vit = create_vit("vit_demo_patch8_128")
+    disc = np.zeros((64, 64), np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    disc[(yy - 16) ** 2 + (xx - 16) ** 2 < 100] = 1
+    rgb = np.full((64, 64, 3), 128, np.uint8)
+    rgb[disc == 1] = (200, 40, 40)
+    moved_inst, moved_rgb = np.roll(disc, (30, 30), (0, 1)) * 3, np.roll(rgb, (30, 30), (0, 1))
+    feats = object_crop_features(vit, [rgb, moved_rgb], [disc, moved_inst], crop_size=32)
+    assert feats.shape == (2, vit.num_features)  # id 3 counted once, absent ids 1-2 skipped
+    np.testing.assert_allclose(feats[0], feats[1], atol=1e-5)  # same object, same box crop
+    with pytest.raises(ValueError, match="no ground-truth object"):
+        object_crop_features(vit, [rgb], [np.zeros((64, 64), int)], crop_size=32)
