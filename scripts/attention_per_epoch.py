@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--crop-size", type=int, default=128, help="clustering crop size")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    missing = [str(w) for w in a.weights if not w.is_file()]
+    if missing:
+        ap.error(f"weights not found: {', '.join(missing)}")
     demo = {**section_defaults("dataset")["demo"], **yaml.safe_load(a.config.read_text())["dataset"]["demo"]}
     scenes = [draw_scene(demo, "val", i) for i in range(int(demo["num_val"]))]
     images, fgs = [s[0] for s in scenes], [s[1] > 0 for s in scenes]

@@ -1,5 +1,6 @@
 """Plot a DINO pretraining curve (the ``<weights>.curve.json`` that ``maskdistill pretrain`` writes),
-optionally beside the CLS attention on objects per epoch (``scripts/attention_per_epoch.py``).
+optionally beside the CLS attention on objects per epoch (``scripts/attention_per_epoch.py``) and,
+when that file has them (``--categories``), the category separability of the clustering features.
 
     uv run python scripts/plot_pretrain_curve.py results/pretrain/backbone.safetensors.curve.json \
         docs/demo-backbone-curve.png [attention.json]
@@ -19,7 +20,9 @@ def main(curve_json: Path, out_png: Path, attention_json: Path | None = None) ->
     data = json.loads(curve_json.read_text())
     curve = data["curve"]
     epochs = [c["epoch"] for c in curve]
-    panels = 3 if attention_json else 2
+    att = json.loads(attention_json.read_text()) if attention_json else None
+    semantic = [r for r in att["epochs"] if "categories" in r] if att else []
+    panels = 2 + bool(att) + bool(semantic)
     fig = Figure(figsize=(4 * panels, 3.2), dpi=100)
     axes = fig.subplots(1, panels)
     ax_loss, ax_lr = axes[0], axes[1]
@@ -41,8 +44,7 @@ def main(curve_json: Path, out_png: Path, attention_json: Path | None = None) ->
     ax_m = ax_lr.twinx()
     ax_m.plot(epochs, [c["teacher_momentum"] for c in curve], color="tab:green", label="teacher momentum")
     ax_m.set_ylabel("teacher EMA momentum")
-    if attention_json:
-        att = json.loads(attention_json.read_text())
+    if att:
         ax_a = axes[2]
         rows = att["epochs"]
         heads = len(rows[0]["share_per_head"])
@@ -53,6 +55,19 @@ def main(curve_json: Path, out_png: Path, attention_json: Path | None = None) ->
         ax_a.set_ylabel("CLS attention on objects (%)")
         ax_a.set_title("last block, demo val scenes", fontsize=9)
         ax_a.legend(fontsize=7)
+    if semantic:
+        ax_s = axes[3]
+        xs = [r["epoch"] for r in semantic]
+        ax_s.plot(xs, [r["categories"]["kmeans_nmi"] for r in semantic], "o-", label="K-means NMI")
+        ax_s.plot(xs, [r["categories"]["linear_accuracy"] for r in semantic], "s-",
+                  label="linear probe accuracy")
+        ax_s.axhline(semantic[0]["categories"]["chance_accuracy"], color="grey", ls="--", lw=1,
+                     label="chance accuracy")
+        ax_s.set_ylim(0, 100)
+        ax_s.set_xlabel("epoch")
+        ax_s.set_ylabel("percent")
+        ax_s.set_title(f"categories of {semantic[0]['categories']['objects']} objects' box crops", fontsize=9)
+        ax_s.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
