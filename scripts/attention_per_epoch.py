@@ -2,12 +2,12 @@
 
     uv run python scripts/attention_per_epoch.py --out attention.json ckpt/e001.safetensors ...
 
-Each file's epoch is the number in its name (``e012`` -> 12). Writes, per file, the share of the
-last block's CLS attention (each head) on object patches and the objects' area; a random ViT sits
-at the area. ``--categories N`` also clusters the clustering stage's features (CLS of box crops)
-of the ground-truth objects of N val-split scenes (drawn, never trained on) and reports their NMI
-with the categories and a linear probe's accuracy (``mask_quality.category_separability``).
-``--random`` adds the randomly initialised ViT as epoch 0.
+Each file's epoch is the number that ends its name (``e012`` -> 12), else its position in the list.
+Writes, per file, the share of the last block's CLS attention (each head) on object patches and the
+objects' area; a random ViT sits at the area. ``--categories N`` also clusters the clustering
+stage's features (CLS of box crops) of the ground-truth objects of N val-split scenes (drawn, never
+trained on) and reports their NMI with the categories and a linear probe's accuracy
+(``mask_quality.category_separability``). ``--random`` adds the randomly initialised ViT as epoch 0.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from maskdistill.demo import draw_scene
 from maskdistill.mask_quality import cls_attention_on_objects, scene_category_separability
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def epoch_of(weights: Path, position: int) -> int:
+    """The number that ends the file's stem (``e012`` -> 12), else ``position``."""
+    m = re.search(r"(\d+)$", weights.stem)
+    return int(m.group(1)) if m else position
 
 
 def main() -> None:
@@ -48,7 +54,7 @@ def main() -> None:
     cat_scenes = [draw_scene(cat_demo, "val", i) for i in range(a.categories)]
     rows = []
     runs = ([(0, None)] if a.random else []) + [
-        (int(re.search(r"(\d+)", w.stem).group(1)), w) for w in a.weights]
+        (epoch_of(w, i), w) for i, w in enumerate(a.weights, start=1)]
     for epoch, weights in sorted(runs, key=lambda r: r[0]):
         vit = create_vit(a.arch, checkpoint=str(weights) if weights else None)
         rows.append({"epoch": epoch, **cls_attention_on_objects(vit, images, fgs)})
