@@ -103,18 +103,23 @@ def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray
 
 def object_crop_features(model: torch.nn.Module, images: Sequence[np.ndarray],
                          instance_maps: Sequence[np.ndarray], crop_size: int,
-                         batch_size: int = 64) -> np.ndarray:
+                         batch_size: int = 64) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The clustering stage's feature (CLS of the box crop at ``crop_size``) of every ground-truth
-    object, in image order then instance id order. ``instance_maps``: (H, W) ints, 0 = background,
-    object n = n."""
-    crops = [to_tensor(crop_box(rgb, mask_to_box(inst == n), crop_size))
-             for rgb, inst in zip(images, instance_maps, strict=True)
-             for n in range(1, int(inst.max()) + 1) if (inst == n).any()]
+    object, and which object each row is: (image index, instance id), in image then id order.
+    ``instance_maps``: (H, W) ints, 0 = background, object n = n; absent ids are skipped."""
+    crops, objects = [], []
+    for i, (rgb, inst) in enumerate(zip(images, instance_maps, strict=True)):
+        for n in range(1, int(inst.max()) + 1):
+            box = mask_to_box(inst == n)
+            if box[2] > box[0]:
+                crops.append(to_tensor(crop_box(rgb, box, crop_size)))
+                objects.append((i, n))
     if not crops:
         raise ValueError("no ground-truth object to describe")
     with torch.no_grad():
-        return np.concatenate([cls_features(model, torch.stack(crops[i:i + batch_size])).float().numpy()
-                               for i in range(0, len(crops), batch_size)])
+        feats = np.concatenate([cls_features(model, torch.stack(crops[i:i + batch_size])).float().numpy()
+                                for i in range(0, len(crops), batch_size)])
+    return feats, objects
 
 
 def category_separability(features: np.ndarray, categories: Sequence[int],
@@ -148,7 +153,6 @@ def scene_category_separability(model: torch.nn.Module,
                                 crop_size: int) -> dict[str, Any]:
     """``category_separability`` of the clustering features of every object in ``scenes``, given as
     (rgb, instance map, category of instance n at n - 1), e.g. drawn demo scenes."""
-    cats = [int(c) for _, inst, inst_cats in scenes for n, c in enumerate(inst_cats, start=1)
-            if (inst == n).any()]
-    feats = object_crop_features(model, [s[0] for s in scenes], [s[1] for s in scenes], crop_size)
-    return category_separability(feats, cats)
+    feats, objects = object_crop_features(model, [s[0] for s in scenes], [s[1] for s in scenes],
+                                          crop_size)
+    return category_separability(feats, [int(scenes[i][2][n - 1]) for i, n in objects])

@@ -48,10 +48,11 @@ def main() -> None:
     if missing:
         ap.error(f"weights not found: {', '.join(missing)}")
     demo = {**section_defaults("dataset")["demo"], **yaml.safe_load(a.config.read_text())["dataset"]["demo"]}
-    scenes = [draw_scene(demo, "val", i) for i in range(int(demo["num_val"]))]
-    images, fgs = [s[0] for s in scenes], [s[1] > 0 for s in scenes]
-    cat_demo = {**demo, "num_val": max(int(demo["num_val"]), a.categories)}
-    cat_scenes = [draw_scene(cat_demo, "val", i) for i in range(a.categories)]
+    num_val = int(demo["num_val"])
+    demo["num_val"] = max(num_val, a.categories)  # val-split scenes past num_val: never trained on
+    scenes = [draw_scene(demo, "val", i) for i in range(demo["num_val"])]
+    images, fgs = [s[0] for s in scenes[:num_val]], [s[1] > 0 for s in scenes[:num_val]]
+    cat_scenes = scenes[:a.categories]
     rows = []
     runs = ([(0, None)] if a.random else []) + [
         (epoch_of(w, i), w) for i, w in enumerate(a.weights, start=1)]

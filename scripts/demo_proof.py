@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from maskdistill.backbone import create_vit
-from maskdistill.config import section_defaults
+from maskdistill.config import validate_config
 from maskdistill.demo import draw_scene
 from maskdistill.mask_quality import scene_category_separability
 
@@ -103,12 +103,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def backbone_semantics(cfg: dict[str, Any], scenes: int) -> dict[str, float]:
     """Category separability of the clustering backbone of ``cfg`` on ``scenes`` val-split scenes."""
-    demo = {**section_defaults("dataset")["demo"], **cfg["dataset"].get("demo", {})}
-    demo["num_val"] = max(int(demo["num_val"]), scenes)
-    bb = cfg["clustering"]["backbone"]
-    vit = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint"))
+    full = validate_config(cfg)
+    demo = {**full["dataset"]["demo"], "num_val": max(int(full["dataset"]["demo"]["num_val"]), scenes)}
+    bb = full["clustering"]["backbone"]
+    vit = create_vit(bb["name"], bb["pretrained"], bb["checkpoint"])
     out = scene_category_separability(vit, [draw_scene(demo, "val", i) for i in range(scenes)],
-                                      int(cfg["clustering"]["crop_size"]))
+                                      int(full["clustering"]["crop_size"]))
     return {"category_kmeans_nmi": out["kmeans_nmi"], "category_linear_accuracy": out["linear_accuracy"]}
 
 

@@ -183,8 +183,9 @@ def test_object_crop_features_describe_each_object_by_its_box():
     rgb = np.full((64, 64, 3), 128, np.uint8)
     rgb[disc == 1] = (200, 40, 40)
     moved_inst, moved_rgb = np.roll(disc, (30, 30), (0, 1)) * 3, np.roll(rgb, (30, 30), (0, 1))
-    feats = object_crop_features(vit, [rgb, moved_rgb], [disc, moved_inst], crop_size=32)
+    feats, objects = object_crop_features(vit, [rgb, moved_rgb], [disc, moved_inst], crop_size=32)
     assert feats.shape == (2, vit.num_features)  # id 3 counted once, absent ids 1-2 skipped
+    assert objects == [(0, 1), (1, 3)]
     np.testing.assert_allclose(feats[0], feats[1], atol=1e-5)  # same object, same box crop
     with pytest.raises(ValueError, match="no ground-truth object"):
         object_crop_features(vit, [rgb], [np.zeros((64, 64), int)], crop_size=32)
