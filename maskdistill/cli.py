@@ -96,13 +96,18 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 
 
 def cmd_mask_quality(a: argparse.Namespace) -> None:
-    from maskdistill.mask_quality import mined_mask_quality
+    from maskdistill.mask_quality import mined_label_bounds, mined_mask_quality
     from maskdistill.storage import write_json
 
-    result = mined_mask_quality([Path(p) for p in a.masks], Path(a.gt))
-    write_json(Path(a.out), result)
+    masks = [Path(p) for p in a.masks]
+    result = mined_mask_quality(masks, Path(a.gt))
     log.info("mined masks: mean best IoU %.1f, CorLoc %.1f over %d images", result["mask_iou"],
              result["corloc"], result["images"])
+    if a.num_clusters:
+        result["label_bounds"] = bounds = mined_label_bounds(masks, Path(a.gt), a.num_clusters)
+        log.info("mined masks as initial_masks: mIoU %.1f with oracle labels, %.1f with random ones",
+                 bounds["oracle_miou"], bounds["random_miou"])
+    write_json(Path(a.out), result)
 
 
 def cmd_patch_kmeans(a: argparse.Namespace) -> None:
@@ -362,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("mask-quality", cmd_mask_quality, "class-agnostic mined-mask IoU and CorLoc vs ground truth")
     s.add_argument("--masks", nargs="+", required=True, help="mask shards (HDF5) of the split")
     s.add_argument("--gt", required=True, help="COCO instances file of the split")
+    s.add_argument("--num-clusters", type=int, default=0,
+                   help="also score the masks with oracle and with random labels among this many "
+                        "clusters (0: skip)")
     s.add_argument("--out", required=True)
     s = add("patch-kmeans", cmd_patch_kmeans, "baseline: K-means on ViT patch features -> label PNGs")
     s.add_argument("--split", required=True)

@@ -2,8 +2,10 @@
 
 Each category has its own shape and texture family (disc/dots, square/stripes, triangle/checker,
 star/plain, ring/concentric); colours are drawn per object independently of the category, so a
-model must tell categories apart by shape and texture. Every image depends only on
-``(seed, split, index)``.
+model must tell categories apart by shape and texture. The background is a near-neutral grey
+(``background: plain``) or a blurred mosaic of cells drawn from the objects' own colours
+(``clutter``): "stuff" that colour contrast alone cannot tell from the "things" on it. Every image
+depends only on ``(seed, split, index)``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from maskdistill.storage import atomic_path, encode_rle, mask_to_box, write_json, write_label_png
 
 DEMO_CATEGORIES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring")
+BACKGROUNDS: tuple[str, ...] = ("plain", "clutter")
 SPLITS = ("train", "val")
 MIN_VISIBLE_PIXELS = 20
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -75,6 +78,9 @@ def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray,
     size = int(cfg["image_size"])
     rng = np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index])
     canvas = _background(rng, size)
+    if cfg.get("background", "plain") == "clutter":  # own stream: the objects stay the same
+        canvas = _clutter(np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF,
+                                                 _SPLIT_CODE[split], index, 1]), size)
     owner = np.zeros((size, size), np.int32)  # index+1 of the object owning each pixel
     cats: list[int] = []
     num = int(rng.integers(int(cfg["min_objects"]), int(cfg["max_objects"]) + 1))
@@ -117,6 +123,9 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         raise ValueError("demo config 'image_size' must be at least 32")
     if not 1 <= int(cfg["min_objects"]) <= int(cfg["max_objects"]):
         raise ValueError("demo config needs 1 <= min_objects <= max_objects")
+    if cfg.get("background", "plain") not in BACKGROUNDS:
+        raise ValueError(f"config key 'dataset.demo.background': {cfg['background']!r} is not one "
+                         f"of {list(BACKGROUNDS)}")
 
 
 def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
@@ -138,6 +147,21 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.normal(0.0, 4.0, (max(2, size // 8), max(2, size // 8)))
     img += cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR)[..., None]
     return img
+
+
+def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A blurred Voronoi mosaic of 6-13 cells whose hues span the objects' colour range, with
+    smooth noise: a background as colourful as the objects but without their shapes and textures,
+    so any colour-contrast cue (which a random ViT already has) stops marking the objects."""
+    cells = int(rng.integers(6, 14))
+    centres = rng.uniform(0.0, size, (cells, 2))
+    yy, xx = np.mgrid[0:size, 0:size]
+    nearest = ((xx[..., None] - centres[:, 0]) ** 2 + (yy[..., None] - centres[:, 1]) ** 2).argmin(-1)
+    colours = np.stack([_hsv(rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.4, 0.9))
+                        for _ in range(cells)])
+    img = cv2.GaussianBlur(colours[nearest], (0, 0), size / 40.0)
+    coarse = rng.normal(0.0, 6.0, (max(2, size // 8), max(2, size // 8)))
+    return img + cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR)[..., None]
 
 
 def _shape(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:

@@ -215,6 +215,16 @@ def semantic_from_coco(coco: dict[str, Any], image_entry: dict[str, Any]) -> np.
     return _paste_semantic(anns, to_label, h, w, str(image_entry.get("file_name", image_id)))
 
 
+def semantic_maps_from_coco(coco: dict[str, Any]) -> dict[int, np.ndarray]:
+    """GT semantic label map of every image of a COCO dict, by image id (one pass over the
+    annotations; labels as :func:`semantic_from_coco`)."""
+    to_label, _ = category_labels(coco)
+    index = _annotations_by_image(coco)
+    return {int(im["id"]): _paste_semantic(index.get(int(im["id"]), []), to_label, int(im["height"]),
+                                           int(im["width"]), str(im.get("file_name", im["id"])))
+            for im in coco.get("images", [])}
+
+
 def _gt_images(coco: dict[str, Any], gt_coco_path: Path) -> list[dict[str, Any]]:
     images = coco.get("images")
     if not images:
@@ -578,6 +588,14 @@ def _extra_lines(metrics: dict[str, Any]) -> list[str]:
                   f"IoU >= 0.5 with some object) **{quality['corloc']:.1f}**"
                   + (f"; {quality['missing']} images had no mined mask." if quality.get("missing") else "."),
                   ""]
+        bounds = quality.get("label_bounds")
+        if isinstance(bounds, dict):
+            lines += [f"Pasted as the initial_masks stage pastes them, the same masks score mIoU "
+                      f"**{bounds['oracle_miou']:.1f}** with oracle labels (the ground-truth category "
+                      f"under each mask: the ceiling set by mask quality) and "
+                      f"**{bounds['random_miou']:.1f}** ± {bounds['random_miou_std']:.1f} with random "
+                      f"labels among {bounds['num_clusters']} clusters (what clustering scores when it "
+                      "ignores the category).", ""]
     return lines
 
 

@@ -17,6 +17,14 @@ from sklearn.model_selection import cross_val_score
 
 from maskdistill.backbone import cls_features, last_block_qk, patch_size
 from maskdistill.clustering import crop_box, whiten
+from maskdistill.evaluation import (
+    IGNORE_LABEL,
+    category_labels,
+    confusion_matrix,
+    match_clusters,
+    miou_after_matching,
+    semantic_maps_from_coco,
+)
 from maskdistill.images import to_tensor
 from maskdistill.storage import (
     box_iou,
@@ -77,6 +85,56 @@ def mined_mask_quality(mask_shards: Sequence[Path], gt_instances: Path) -> dict[
     return {"mask_iou": 100.0 * float(np.mean(ious)), "corloc": 100.0 * float(np.mean(hits)),
             "images": len(ious), "missing": sum(1 for r in rows if r["key"] not in mined),
             "per_image": rows}
+
+
+def mined_label_bounds(mask_shards: Sequence[Path], gt_instances: Path, num_clusters: int,
+                       seeds: Sequence[int] = (0, 1, 2), mode: str = "iou") -> dict[str, Any]:
+    """What labels can make of the mined masks, scored as the ``initial_masks`` stage is (each
+    image's mined mask pasted with its label, mIoU over the GT classes). ``oracle_miou``: every
+    mask labelled with the GT category covering most of it (a mask on no object: category 1), the
+    ceiling set by mask quality alone. ``random_miou``: uniformly random labels among
+    ``num_clusters`` clusters, Hungarian-matched like every stage (mean and std over ``seeds``),
+    what clustering scores when it ignores the category. K-means labels near ``random_miou`` add
+    nothing; the gap to ``oracle_miou`` is what better clustering could gain. Percent."""
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    coco = read_json(gt_instances)
+    _, names = category_labels(coco)
+    semantic = semantic_maps_from_coco(coco)
+    keys = {key_of_file(im["file_name"]): int(im["id"]) for im in coco.get("images", [])}
+    pairs = []
+    for shard in mask_shards:
+        for m in read_mask_shard(shard):
+            if m.key not in keys:
+                raise ValueError(f"{shard}: mined image '{m.key}' is not in {gt_instances}")
+            gt = semantic[keys[m.key]]
+            if gt.shape != m.mask.shape:
+                raise ValueError(f"{m.key}: mined mask {m.mask.shape} and ground truth {gt.shape} "
+                                 "differ in size")
+            pairs.append((m.mask, gt))
+    if not pairs:
+        raise ValueError("no mined mask to label")
+    num_gt = len(names)
+
+    def score(labels: Sequence[int], num_pred: int, matched: bool) -> float:
+        conf = np.zeros((num_pred, num_gt), np.int64)
+        for (mask, gt), label in zip(pairs, labels, strict=True):
+            pred = np.zeros(gt.shape, np.int64)
+            pred[mask] = label
+            conf += confusion_matrix(pred, gt, num_pred, num_gt)
+        mapping = match_clusters(conf, mode) if matched else np.arange(num_gt)
+        return float(miou_after_matching(conf, mapping, names)["miou"])
+
+    oracle = []
+    for mask, gt in pairs:
+        under = gt[mask]
+        counts = np.bincount(under[(under > 0) & (under != IGNORE_LABEL)], minlength=num_gt)
+        oracle.append(int(counts.argmax()) if counts.any() else 1)
+    randoms = [score(np.random.default_rng(s).integers(1, num_clusters + 1, len(pairs)).tolist(),
+                     num_clusters + 1, True) for s in seeds]
+    return {"oracle_miou": score(oracle, num_gt, False), "random_miou": float(np.mean(randoms)),
+            "random_miou_std": float(np.std(randoms)), "num_clusters": num_clusters,
+            "masks": len(pairs)}
 
 
 def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray],

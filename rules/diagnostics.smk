@@ -8,13 +8,15 @@ rule mask_quality:
     output:
         f"{RESULTS}/mask_quality.json",
     params:
+        clusters=config["clustering"]["num_clusters"] * config["clustering"]["overclustering"],
         version=VERSION,
     conda:
         "../envs/maskdistill.yaml"
     log:
         "logs/mask_quality.log",
     shell:
-        "maskdistill mask-quality --masks {input.masks} --gt {input.gt:q} --out {output} > {log} 2>&1"
+        "maskdistill mask-quality --masks {input.masks} --gt {input.gt:q}"
+        " --num-clusters {params.clusters} --out {output} > {log} 2>&1"
 
 
 rule patch_kmeans:

@@ -75,6 +75,11 @@ def summarise(metrics: dict[str, Any]) -> dict[str, float]:
     for key in ("mask_iou", "corloc"):
         if key in quality:
             row[f"mined_{key}"] = float(quality[key])
+    bounds = quality.get("label_bounds", {})
+    for key, name in (("oracle_miou", "initial_masks_oracle_labels"),
+                      ("random_miou", "initial_masks_random_labels")):
+        if key in bounds:
+            row[name] = float(bounds[key])
     if "mask_ap" in metrics:
         row["maskrcnn_ap50"] = float(metrics["mask_ap"]["multi"]["AP50"])
     for stage in ("segmentation+crf", "segmentation_crf", "linear_probe"):

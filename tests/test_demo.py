@@ -110,6 +110,19 @@ def test_objects_stand_out_from_background():
     assert sat[inst > 0].mean() > sat[inst == 0].mean() + 40
 
 
+def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
+    plain, clutter = dict(CFG, num_val=16), dict(CFG, num_val=16, background="clutter")
+    for i in range(16):
+        rgb, inst, cats = draw_scene(clutter, "val", i)
+        rgb0, inst0, cats0 = draw_scene(plain, "val", i)
+        assert cats == cats0 and np.array_equal(inst, inst0)  # same objects, same places
+        sat = rgb.max(axis=2).astype(int) - rgb.min(axis=2)
+        assert sat[inst == 0].mean() > 40  # plain grey backgrounds stay under 15
+        assert not np.array_equal(rgb[inst == 0], rgb0[inst0 == 0])
+    with pytest.raises(ValueError, match="dataset.demo.background"):
+        draw_scene(dict(CFG, background="stripes"), "val", 0)
+
+
 def test_train_and_val_differ(demo_dir):
     for key in demo_image_keys(CFG, "val"):
         val = (demo_dir / "val" / "images" / f"{key}.png").read_bytes()

@@ -14,6 +14,7 @@ from maskdistill.images import ImageRecord
 from maskdistill.mask_quality import (
     category_separability,
     mask_iou,
+    mined_label_bounds,
     mined_mask_quality,
     object_crop_features,
 )
@@ -35,16 +36,19 @@ def _square(h, w, y0, x0, size):
     return m
 
 
-def _gt(path, objects_per_image):
+def _gt(path, objects_per_image, categories_per_image=None):
     images, anns = [], []
     for i, objects in enumerate(objects_per_image, start=1):
         images.append({"id": i, "file_name": f"im{i}.png", "height": 20, "width": 20})
-        for mask in objects:
+        cats = categories_per_image[i - 1] if categories_per_image else [1] * len(objects)
+        for mask, cat in zip(objects, cats, strict=True):
             x0, y0, x1, y1 = mask_to_box(mask)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "iscrowd": 0,
                          "segmentation": encode_rle(mask), "area": int(mask.sum()),
                          "bbox": [x0, y0, x1 - x0, y1 - y0]})
-    write_json(path, {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]})
+    names = sorted({c for cs in categories_per_image or [[1]] for c in cs})
+    write_json(path, {"images": images, "annotations": anns,
+                      "categories": [{"id": c, "name": f"c{c}"} for c in names]})
 
 
 def _shard(path, masks):
@@ -76,6 +80,50 @@ def test_an_image_without_a_mined_mask_counts_as_a_miss(tmp_path):
     _shard(tmp_path / "s.h5", {"im1": a})
     q = mined_mask_quality([tmp_path / "s.h5"], tmp_path / "gt.json")
     assert q["corloc"] == 50.0 and q["missing"] == 1
+
+
+def test_label_bounds_of_perfect_masks_are_100_for_the_oracle_and_less_for_chance(tmp_path):
+    a, b = _square(20, 20, 0, 0, 8), _square(20, 20, 10, 10, 6)
+    objects = [[a if i % 2 else b] for i in range(16)]
+    cats = [[1 + i % 2] for i in range(16)]
+    _gt(tmp_path / "gt.json", objects, cats)
+    _shard(tmp_path / "s.h5", {f"im{i + 1}": obj[0] for i, obj in enumerate(objects)})
+    bounds = mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=2)
+    assert bounds["oracle_miou"] == pytest.approx(100.0)
+    assert bounds["random_miou"] < 90.0 and bounds["masks"] == 16
+
+
+def test_label_bounds_oracle_is_limited_by_mask_quality(tmp_path):
+    obj = _square(20, 20, 0, 0, 8)  # 64 px; the mined mask doubles it with 64 background pixels
+    mined = obj | np.roll(obj, 8, axis=1)
+    _gt(tmp_path / "gt.json", [[obj]])
+    _shard(tmp_path / "s.h5", {"im1": mined})
+    bounds = mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=1)
+    background = (400 - 128) / (400 - 64)
+    assert bounds["oracle_miou"] == pytest.approx(100 * (0.5 + background) / 2)
+    assert bounds["random_miou"] == pytest.approx(bounds["oracle_miou"])  # one cluster: no choice
+
+
+def test_mask_quality_command_adds_the_label_bounds_when_given_clusters(tmp_path):
+    from maskdistill.cli import main
+    from maskdistill.storage import read_json
+
+    obj = _square(20, 20, 0, 0, 8)
+    _gt(tmp_path / "gt.json", [[obj]])
+    _shard(tmp_path / "s.h5", {"im1": obj})
+    args = ["mask-quality", "--masks", str(tmp_path / "s.h5"), "--gt", str(tmp_path / "gt.json")]
+    main([*args, "--out", str(tmp_path / "plain.json")])
+    main([*args, "--num-clusters", "3", "--out", str(tmp_path / "q.json")])
+    assert "label_bounds" not in read_json(tmp_path / "plain.json")
+    bounds = read_json(tmp_path / "q.json")["label_bounds"]
+    assert bounds["oracle_miou"] == pytest.approx(100.0) and bounds["num_clusters"] == 3
+
+
+def test_label_bounds_refuse_a_mined_image_missing_from_the_ground_truth(tmp_path):
+    _gt(tmp_path / "gt.json", [[_square(20, 20, 0, 0, 8)]])
+    _shard(tmp_path / "s.h5", {"other": _square(20, 20, 0, 0, 8)})
+    with pytest.raises(ValueError, match="'other' is not in"):
+        mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=2)
 
 
 def test_patch_labels_upsample_to_the_original_size():
