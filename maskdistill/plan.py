@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,31 @@ def shard_digest(members: list[tuple[str, str]]) -> str:
 DESCRIBE_KEYS = ("backbone", "crop_size", "batch_size")
 
 
+# Keys added after results may already exist, with the value that behaves as before the key did.
+# At that value a key is left out of every rule's params, so upgrading reruns nothing.
+LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain"}
+
+
+def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
+    for path, neutral in LATER_KEYS.items():
+        parent: Any = picked
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(path[-1], neutral) == neutral:
+            parent.pop(path[-1], None)
+    return picked
+
+
 def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = ()) -> str:
     """The config sections a rule depends on, as compact JSON (its params, compared on reruns).
 
     ``only`` narrows every named section to those keys, so that, for example, a K-means setting
-    does not rerun the feature extraction that shares the ``clustering`` section.
+    does not rerun the feature extraction that shares the ``clustering`` section. Keys of
+    :data:`LATER_KEYS` at their neutral value are left out.
     """
     keep = {"device", "dataset", *sections}
-    picked = {k: v for k, v in config.items() if k in keep}
+    picked = copy.deepcopy({k: v for k, v in config.items() if k in keep})
     for name in sections:
         if only:
             picked[name] = {k: v for k, v in picked[name].items() if k in only}
-    return json.dumps(picked, sort_keys=True)
+    return json.dumps(_without_later_keys(picked), sort_keys=True)
