@@ -78,7 +78,8 @@ def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray,
     size = int(cfg["image_size"])
     rng = np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index])
     canvas = _background(rng, size)
-    if cfg.get("background", "plain") == "clutter":  # own stream: the objects stay the same
+    if cfg.get("background", "plain") == "clutter":  # the grey one is still drawn, and the
+        # mosaic from its own stream, so the objects' draws (and so the objects) stay the same
         canvas = _clutter(np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF,
                                                  _SPLIT_CODE[split], index, 1]), size)
     owner = np.zeros((size, size), np.int32)  # index+1 of the object owning each pixel

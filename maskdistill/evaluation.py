@@ -215,16 +215,6 @@ def semantic_from_coco(coco: dict[str, Any], image_entry: dict[str, Any]) -> np.
     return _paste_semantic(anns, to_label, h, w, str(image_entry.get("file_name", image_id)))
 
 
-def semantic_maps_from_coco(coco: dict[str, Any]) -> dict[int, np.ndarray]:
-    """GT semantic label map of every image of a COCO dict, by image id (one pass over the
-    annotations; labels as :func:`semantic_from_coco`)."""
-    to_label, _ = category_labels(coco)
-    index = _annotations_by_image(coco)
-    return {int(im["id"]): _paste_semantic(index.get(int(im["id"]), []), to_label, int(im["height"]),
-                                           int(im["width"]), str(im.get("file_name", im["id"])))
-            for im in coco.get("images", [])}
-
-
 def _gt_images(coco: dict[str, Any], gt_coco_path: Path) -> list[dict[str, Any]]:
     images = coco.get("images")
     if not images:

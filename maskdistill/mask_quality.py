@@ -18,12 +18,10 @@ from sklearn.model_selection import cross_val_score
 from maskdistill.backbone import cls_features, last_block_qk, patch_size
 from maskdistill.clustering import crop_box, whiten
 from maskdistill.evaluation import (
-    IGNORE_LABEL,
-    category_labels,
+    coco_ground_truth,
     confusion_matrix,
     match_clusters,
     miou_after_matching,
-    semantic_maps_from_coco,
 )
 from maskdistill.images import to_tensor
 from maskdistill.storage import (
@@ -98,43 +96,36 @@ def mined_label_bounds(mask_shards: Sequence[Path], gt_instances: Path, num_clus
     nothing; the gap to ``oracle_miou`` is what better clustering could gain. Percent."""
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-    coco = read_json(gt_instances)
-    _, names = category_labels(coco)
-    semantic = semantic_maps_from_coco(coco)
-    keys = {key_of_file(im["file_name"]): int(im["id"]) for im in coco.get("images", [])}
-    pairs = []
+    gt = coco_ground_truth(Path(gt_instances), Path(gt_instances).parent)
+    known, num_gt = set(gt.keys), len(gt.class_names)
+    # per mask, GT pixel counts outside (row 0) and inside (row 1) it: all any labelling needs
+    counts = []
     for shard in mask_shards:
         for m in read_mask_shard(shard):
-            if m.key not in keys:
+            if m.key not in known:
                 raise ValueError(f"{shard}: mined image '{m.key}' is not in {gt_instances}")
-            gt = semantic[keys[m.key]]
-            if gt.shape != m.mask.shape:
-                raise ValueError(f"{m.key}: mined mask {m.mask.shape} and ground truth {gt.shape} "
+            sem = gt.load(m.key)
+            if sem.shape != m.mask.shape:
+                raise ValueError(f"{m.key}: mined mask {m.mask.shape} and ground truth {sem.shape} "
                                  "differ in size")
-            pairs.append((m.mask, gt))
-    if not pairs:
+            counts.append(confusion_matrix(m.mask.astype(np.int64), sem, 2, num_gt))
+    if not counts:
         raise ValueError("no mined mask to label")
-    num_gt = len(names)
 
     def score(labels: Sequence[int], num_pred: int, matched: bool) -> float:
         conf = np.zeros((num_pred, num_gt), np.int64)
-        for (mask, gt), label in zip(pairs, labels, strict=True):
-            pred = np.zeros(gt.shape, np.int64)
-            pred[mask] = label
-            conf += confusion_matrix(pred, gt, num_pred, num_gt)
+        for c, label in zip(counts, labels, strict=True):
+            conf[0] += c[0]
+            conf[label] += c[1]
         mapping = match_clusters(conf, mode) if matched else np.arange(num_gt)
-        return float(miou_after_matching(conf, mapping, names)["miou"])
+        return float(miou_after_matching(conf, mapping, gt.class_names)["miou"])
 
-    oracle = []
-    for mask, gt in pairs:
-        under = gt[mask]
-        counts = np.bincount(under[(under > 0) & (under != IGNORE_LABEL)], minlength=num_gt)
-        oracle.append(int(counts.argmax()) if counts.any() else 1)
-    randoms = [score(np.random.default_rng(s).integers(1, num_clusters + 1, len(pairs)).tolist(),
+    oracle = [int(c[1, 1:].argmax()) + 1 if c[1, 1:].any() else 1 for c in counts]
+    randoms = [score(np.random.default_rng(s).integers(1, num_clusters + 1, len(counts)).tolist(),
                      num_clusters + 1, True) for s in seeds]
     return {"oracle_miou": score(oracle, num_gt, False), "random_miou": float(np.mean(randoms)),
             "random_miou_std": float(np.std(randoms)), "num_clusters": num_clusters,
-            "masks": len(pairs)}
+            "masks": len(counts)}
 
 
 def cls_attention_on_objects(model: torch.nn.Module, images: Sequence[np.ndarray],
