@@ -82,7 +82,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     records, root = _records(cfg, "train", mined_only=False)
     ckpt = prepare_checkpoint_dir(Path(a.checkpoint_dir), [cfg["pretrain"], digest_path(root)])
     scenes = cfg["pretrain"].get("demo_scenes")
-    if cfg["dataset"]["source"] == "demo" and scenes:
+    demo = cfg["dataset"]["source"] == "demo"
+    recipe = {"demo": cfg["dataset"]["demo"], "demo_scenes": scenes} if demo else {}
+    if demo and scenes:
         from maskdistill.demo import generate_demo
         from maskdistill.images import list_image_folder
 
@@ -91,7 +93,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         generate_demo(root, {**cfg["dataset"]["demo"], "num_train": int(scenes)}, splits=("train",))
         records = list_image_folder(root / "train" / "images")
     summary = pretrain_dino(records, Path(a.out), ckpt, cfg["pretrain"], resolve_device(cfg["device"]),
-                            cfg["dataset"]["on_bad_image"])
+                            cfg["dataset"]["on_bad_image"], recipe)
     log.info("pretrained %s on %d images, %d steps", summary["arch"], summary["images"], summary["steps"])
 
 

@@ -3,9 +3,11 @@
 Each category has its own shape and texture family (disc/dots, square/stripes, triangle/checker,
 star/plain, ring/concentric); colours are drawn per object independently of the category, so a
 model must tell categories apart by shape and texture. The background is a near-neutral grey
-(``background: plain``) or a blurred mosaic of cells drawn from the objects' own colours
-(``clutter``): "stuff" that colour contrast alone cannot tell from the "things" on it. Every image
-depends only on ``(seed, split, index)``.
+(``background: plain``), the same grey under a strong per-pixel grain (``grain``: a rough surface,
+stationary and alike in every scene, on which local contrast no longer marks the objects), or a
+blurred mosaic of cells drawn from the objects' own colours (``clutter``): "stuff" that colour
+contrast alone cannot tell from the "things" on it. Every image depends only on
+``(seed, split, index)``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from PIL import Image
 from maskdistill.storage import atomic_path, encode_rle, mask_to_box, write_json, write_label_png
 
 DEMO_CATEGORIES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring")
-BACKGROUNDS: tuple[str, ...] = ("plain", "clutter")
+BACKGROUNDS: tuple[str, ...] = ("plain", "grain", "clutter")
+GRAIN_STD = 20.0  # grey levels, per pixel, shared by the three channels
 SPLITS = ("train", "val")
 MIN_VISIBLE_PIXELS = 20
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -78,10 +81,14 @@ def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray,
     size = int(cfg["image_size"])
     rng = np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index])
     canvas = _background(rng, size)
-    if cfg.get("background", "plain") == "clutter":  # the grey one is still drawn, and the
-        # mosaic from its own stream, so the objects' draws (and so the objects) stay the same
-        canvas = _clutter(np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF,
-                                                 _SPLIT_CODE[split], index, 1]), size)
+    kind = cfg.get("background", "plain")
+    if kind != "plain":  # the grey one is still drawn, and the variant from its own stream,
+        # so the objects' draws (and so the objects) stay the same
+        stream = [int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index, BACKGROUNDS.index(kind)]
+        if kind == "clutter":
+            canvas = _clutter(np.random.default_rng(stream), size)
+        else:
+            canvas += _grain(np.random.default_rng(stream), size)
     owner = np.zeros((size, size), np.int32)  # index+1 of the object owning each pixel
     cats: list[int] = []
     num = int(rng.integers(int(cfg["min_objects"]), int(cfg["max_objects"]) + 1))
@@ -148,6 +155,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.normal(0.0, 4.0, (max(2, size // 8), max(2, size // 8)))
     img += cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR)[..., None]
     return img
+
+
+def _grain(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey per-pixel Gaussian grain (std ``GRAIN_STD``): every 8x8 patch of the background
+    differs from its neighbours about as much as an object's edge does, so the contrast cue that a
+    random ViT uses to find objects on the plain grey is gone, while nothing in it tells two scenes
+    apart. Objects are drawn over it, so it lies on the background only."""
+    return GRAIN_STD * rng.normal(0.0, 1.0, (size, size, 1))
 
 
 def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:

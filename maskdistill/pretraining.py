@@ -313,9 +313,11 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, cfg: dict[str, Any],
-                  device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
+                  device: torch.device, on_bad_image: str = "fail",
+                  data_recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a ViT with DINO on ``records``; write the teacher backbone to ``out`` (safetensors)
-    and its training curve next to it (``<out>.curve.json``). Resumes from ``checkpoint_dir``."""
+    and its training curve next to it (``<out>.curve.json``). Resumes from ``checkpoint_dir``.
+    ``data_recipe`` (e.g. the demo generator's settings) is recorded in the weights' metadata."""
     cfg = {**section_defaults("pretrain"), **cfg}
     seed_everything(int(cfg["seed"]))
     transform = MultiCrop(int(cfg["global_crop_size"]), int(cfg["local_crop_size"]), int(cfg["local_crops"]),
@@ -396,7 +398,8 @@ def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, c
                                "rng": rng_state(), "curve": curve, "epoch": epoch + 1})
     export_backbone(teacher.backbone, out, {"arch": cfg["arch"], "epochs": str(cfg["epochs"]),
                                             "images": str(len(data)),
-                                            "pretrain_config": json.dumps(cfg, sort_keys=True, default=str)})
+                                            "pretrain_config": json.dumps(cfg, sort_keys=True, default=str),
+                                            "data_recipe": json.dumps(data_recipe or {}, sort_keys=True)})
     summary = {"arch": cfg["arch"], "images": len(data), "out_dim": int(cfg["out_dim"]),
                "skipped": data.skipped, "steps": total, "curve": curve}
     write_json(Path(str(out) + ".curve.json"), summary)

@@ -123,6 +123,20 @@ def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
         draw_scene(dict(CFG, background="stripes"), "val", 0)
 
 
+def test_a_grain_background_keeps_the_objects_and_roughens_only_the_background():
+    plain, grain = dict(CFG, num_val=16), dict(CFG, num_val=16, background="grain")
+    for i in range(16):
+        rgb, inst, cats = draw_scene(grain, "val", i)
+        rgb0, inst0, cats0 = draw_scene(plain, "val", i)
+        assert cats == cats0 and np.array_equal(inst, inst0)  # same objects, same places
+        assert np.array_equal(rgb[inst > 0], rgb0[inst0 > 0])  # drawn over the grain
+        back, back0 = rgb[inst == 0].astype(float), rgb0[inst0 == 0].astype(float)
+        assert 17 < np.std(back - back0) < 23  # per-pixel std 20, up to clipping and rounding
+        assert np.abs(back.mean(0) - back0.mean(0)).max() < 2  # still the same grey on average
+        sat = rgb.max(axis=2).astype(int) - rgb.min(axis=2)
+        assert sat[inst == 0].mean() < 15  # grey grain: no colour in it
+
+
 def test_train_and_val_differ(demo_dir):
     for key in demo_image_keys(CFG, "val"):
         val = (demo_dir / "val" / "images" / f"{key}.png").read_bytes()

@@ -34,9 +34,13 @@ def test_demo_config_mines_and_clusters_with_the_shipped_weights():
 def test_shipped_weights_record_the_config_that_reproduces_them():
     with safe_open(str(DEMO_WEIGHTS), "pt") as f:
         recipe = json.loads(f.metadata()["pretrain_config"])
+        data = json.loads(f.metadata()["data_recipe"])
     for key, value in DEMO_CONFIG["pretrain"].items():
         if key != "enabled":
             assert recipe[key] == value, key
+    # drawn by the demo generator with the demo's own settings (background included)
+    assert data == {"demo": DEMO_CONFIG["dataset"]["demo"],
+                    "demo_scenes": DEMO_CONFIG["pretrain"]["demo_scenes"]}
 
 
 def test_shipped_vit_attends_to_objects_and_a_random_one_does_not(val_scenes):

@@ -200,3 +200,10 @@ def test_demo_scenes_pretrains_on_more_generated_train_scenes_than_the_split(tmp
     split_scene = tmp_path / "results" / "demo" / "train" / "images" / scenes[0].name
     assert np.array_equal(first, np.asarray(Image.open(split_scene)))
     assert np.array_equal(first, draw_scene(demo, "train", 0)[0])
+    # the weights record how their scenes were drawn, next to the DINO recipe
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        recipe = json.loads(f.metadata()["data_recipe"])
+    assert recipe["demo_scenes"] == 6 and recipe["demo"]["seed"] == 5
+    assert recipe["demo"]["background"] == "plain"  # the schema default, filled in
