@@ -43,6 +43,7 @@ class MiningParams:
     mass: float = 0.5  # share of the CLS affinity "mass" kept, DINO-style
     proposal_ratio: float = 0.4  # top share of patches used as proposals
     center_keys: bool = False  # subtract the image's mean key before G (not in the paper; see config)
+    seed_from: str = "affinity"  # "affinity" (paper: raw q.k) or "attention" (softmax CLS attention)
 
 
 @dataclass
@@ -85,7 +86,8 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
     masked = cls_aff * mass_threshold(cls_aff, params.mass)
     n_prop = max(1, int(params.proposal_ratio * n))
     proposals = torch.topk(masked, n_prop).indices
-    seed = int(proposals[0])
+    seed = int(proposals[0]) if params.seed_from == "affinity" else _attention_seed(q, k, proposals, h_cls,
+                                                                                       num_prefix)
     # G = sum_h K_h K_h^T = K K^T with heads concatenated; only the rows we need are formed.
     keys = k_patch.permute(1, 0, 2).reshape(n, -1)  # (n, heads*d)
     if params.center_keys:  # a key component shared by every patch makes all of G positive
@@ -97,6 +99,21 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
     labels, _ = ndimage.label(grid)  # default structure = 4-connectivity
     component = labels == labels.flat[seed]
     return PatchMask(mask=component, cls_affinity=cls_aff.reshape(gh, gw).cpu().numpy(), seed=seed)
+
+
+SEED_SOURCES = ("affinity", "attention")
+
+
+def _attention_seed(q: torch.Tensor, k: torch.Tensor, proposals: torch.Tensor, h_cls: int,
+                    num_prefix: int) -> int:
+    """The proposal with the highest softmax CLS attention, averaged over the first ``h_cls`` heads.
+
+    Unlike the raw affinity, each head's attention sums to 1, so no head outweighs the others by
+    the scale of its queries and keys; it is the map that DINO's attention figures show.
+    """
+    logits = torch.einsum("hd,hnd->hn", q[:h_cls, 0], k[:h_cls].float()) * q.shape[-1] ** -0.5
+    attention = torch.softmax(logits, dim=-1)[:, num_prefix:].mean(0)
+    return int(proposals[torch.argmax(attention[proposals])])
 
 
 def upsample_patch_mask(patch_mask: np.ndarray, patch: int, resized: tuple[int, int],
@@ -170,7 +187,8 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     bb = cfg["backbone"]
     model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
     patch = patch_size(model)
-    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"], cfg["center_keys"])
+    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"], cfg["center_keys"],
+                          cfg["seed_from"])
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
              "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}

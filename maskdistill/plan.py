@@ -51,7 +51,8 @@ DESCRIBE_KEYS = ("backbone", "crop_size", "batch_size")
 
 # Keys added after results may already exist, with the value that behaves as before the key did.
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
-LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain"}
+LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
+                                          ("mining", "seed_from"): "affinity"}
 
 
 def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:

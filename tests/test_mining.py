@@ -98,6 +98,24 @@ def test_seed_is_top1_of_the_mass_masked_affinity():
     assert pm.seed == 0
 
 
+def test_attention_seed_is_not_outvoted_by_one_head_with_large_logits():
+    # 1x10 strip: object patches 0-2 (key U), background 3-9 (key -U). Head 0 has large logits
+    # on background patch 7; heads 1 and 2 put theirs on the object (most on patch 1). The raw mean affinity
+    # follows head 0; the softmax attention (each head sums to 1) follows the two heads.
+    keys = torch.stack([U] * 3 + [-U] * 7)
+    per_head = torch.zeros(3, 10)
+    per_head[0, 7] = 60.0
+    per_head[1:, 1] = 20.0
+    per_head[1:, 0] = per_head[1:, 2] = 10.0  # so that patch 1 passes the 50 % mass threshold
+    q, k = build_qk(keys, per_head)
+    raw = mask_from_qk(q, k, (1, 10), MiningParams(cls_heads=3, proposal_ratio=0.5))
+    assert raw.seed == 7 and raw.mask.ravel().tolist() == [False] * 3 + [True] * 7
+    params = MiningParams(cls_heads=3, proposal_ratio=0.5, seed_from="attention")
+    attended = mask_from_qk(q, k, (1, 10), params)
+    assert attended.seed == 1 and attended.mask.ravel().tolist() == [True] * 3 + [False] * 7
+    np.testing.assert_allclose(attended.cls_affinity, raw.cls_affinity)  # same map is stored
+
+
 def test_expansion_drops_proposals_dissimilar_to_the_seed():
     # 1x6 strip: patches 0-2 object (key U), 3-5 background (key -U). Background patches get the
     # second-highest affinities, so they are proposals, but G[s, p] < 0 removes them.
