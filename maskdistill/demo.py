@@ -83,8 +83,9 @@ def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray,
     canvas = _background(rng, size)
     kind = cfg.get("background", "plain")
     if kind != "plain":  # the grey one is still drawn, and the variant from its own stream,
-        # so the objects' draws (and so the objects) stay the same
-        stream = [int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index, BACKGROUNDS.index(kind)]
+        # so the objects' draws (and so the objects) stay the same; one stream serves every variant
+        # (a scene has one background), so adding a variant never redraws another's scenes
+        stream = [int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index, 1]
         if kind == "clutter":
             canvas = _clutter(np.random.default_rng(stream), size)
         else:

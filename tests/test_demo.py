@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -110,12 +111,18 @@ def test_objects_stand_out_from_background():
     assert sat[inst > 0].mean() > sat[inst == 0].mean() + 40
 
 
-def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
-    plain, clutter = dict(CFG, num_val=16), dict(CFG, num_val=16, background="clutter")
-    for i in range(16):
-        rgb, inst, cats = draw_scene(clutter, "val", i)
-        rgb0, inst0, cats0 = draw_scene(plain, "val", i)
+def _same_scenes_on(background: str, count: int = 16):
+    """(rgb, inst, plain rgb, plain inst) of the first val scenes, after checking that the
+    background variant keeps every object of the plain scene in its place."""
+    for i in range(count):
+        rgb, inst, cats = draw_scene(dict(CFG, num_val=count, background=background), "val", i)
+        rgb0, inst0, cats0 = draw_scene(dict(CFG, num_val=count), "val", i)
         assert cats == cats0 and np.array_equal(inst, inst0)  # same objects, same places
+        yield rgb, inst, rgb0, inst0
+
+
+def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
+    for rgb, inst, rgb0, inst0 in _same_scenes_on("clutter"):
         sat = rgb.max(axis=2).astype(int) - rgb.min(axis=2)
         assert sat[inst == 0].mean() > 40  # plain grey backgrounds stay under 15
         assert not np.array_equal(rgb[inst == 0], rgb0[inst0 == 0])
@@ -124,17 +131,25 @@ def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
 
 
 def test_a_grain_background_keeps_the_objects_and_roughens_only_the_background():
-    plain, grain = dict(CFG, num_val=16), dict(CFG, num_val=16, background="grain")
-    for i in range(16):
-        rgb, inst, cats = draw_scene(grain, "val", i)
-        rgb0, inst0, cats0 = draw_scene(plain, "val", i)
-        assert cats == cats0 and np.array_equal(inst, inst0)  # same objects, same places
+    for rgb, inst, rgb0, inst0 in _same_scenes_on("grain"):
         assert np.array_equal(rgb[inst > 0], rgb0[inst0 > 0])  # drawn over the grain
         back, back0 = rgb[inst == 0].astype(float), rgb0[inst0 == 0].astype(float)
         assert 17 < np.std(back - back0) < 23  # per-pixel std 20, up to clipping and rounding
         assert np.abs(back.mean(0) - back0.mean(0)).max() < 2  # still the same grey on average
         sat = rgb.max(axis=2).astype(int) - rgb.min(axis=2)
         assert sat[inst == 0].mean() < 15  # grey grain: no colour in it
+
+
+def test_background_variants_draw_the_scenes_they_drew_when_measured():
+    # docs/pretraining.md reports numbers on clutter and grain scenes: a later variant must not
+    # redraw them (sha256 of the first 4 val scenes' pixels, as drawn when they were measured)
+    expected = {"clutter": "0f2e9ee24c97bdfb071a709377b788c3114d2bd313b8a0c51649855c38ff3b86",
+                "grain": "cbe97cf56a1e75c2d38da9645bd0d613938c88d09ba9d6cb0b8658c5d1b6496c"}
+    for background, digest in expected.items():
+        pixels = hashlib.sha256()
+        for i in range(4):
+            pixels.update(draw_scene(dict(CFG, background=background), "val", i)[0].tobytes())
+        assert pixels.hexdigest() == digest, background
 
 
 def test_train_and_val_differ(demo_dir):
