@@ -86,8 +86,10 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
     masked = cls_aff * mass_threshold(cls_aff, params.mass)
     n_prop = max(1, int(params.proposal_ratio * n))
     proposals = torch.topk(masked, n_prop).indices
-    seed = int(proposals[0]) if params.seed_from == "affinity" else _attention_seed(q, k, proposals, h_cls,
-                                                                                       num_prefix)
+    if params.seed_from == "attention":
+        seed = _attention_seed(q, k, proposals, h_cls, num_prefix)
+    else:
+        seed = int(proposals[0])
     # G = sum_h K_h K_h^T = K K^T with heads concatenated; only the rows we need are formed.
     keys = k_patch.permute(1, 0, 2).reshape(n, -1)  # (n, heads*d)
     if params.center_keys:  # a key component shared by every patch makes all of G positive
@@ -99,9 +101,6 @@ def mask_from_qk(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int],
     labels, _ = ndimage.label(grid)  # default structure = 4-connectivity
     component = labels == labels.flat[seed]
     return PatchMask(mask=component, cls_affinity=cls_aff.reshape(gh, gw).cpu().numpy(), seed=seed)
-
-
-SEED_SOURCES = ("affinity", "attention")
 
 
 def _attention_seed(q: torch.Tensor, k: torch.Tensor, proposals: torch.Tensor, h_cls: int,
