@@ -29,3 +29,10 @@ rule all:
     input:
         final_targets(),
     default_target: True
+
+
+# Snakemake deletes the outputs of a failed job and `--delete-all-output` deletes every output:
+# no rule may name a file outside results/ and logs/ as an output, whatever the config says.
+_outside = workflow_outputs_outside([(r.name, str(f)) for r in workflow.rules for f in [*r.output, *r.log]])
+if _outside:
+    raise WorkflowError("outputs outside the results and logs folders:\n  " + "\n  ".join(_outside))

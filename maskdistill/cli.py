@@ -137,10 +137,14 @@ def cmd_stage_figure(a: argparse.Namespace) -> None:
 
 
 def cmd_mine(a: argparse.Namespace) -> None:
+    from maskdistill.images import read_image_list
     from maskdistill.mining import mine_shard
 
     cfg = _config(a.config)
-    records, _ = _records(cfg, a.split, mined_only=False)
+    if a.image_list:  # the images planned for the run, whatever the folder holds now
+        records = read_image_list(a.image_list)
+    else:
+        records, _ = _records(cfg, a.split, mined_only=False)
     shard = shard_records(records, a.shard, cfg["dataset"]["num_shards"])
     log.info("split %s shard %d: %d of %d images", a.split, a.shard, len(shard), len(records))
     stats = mine_shard(shard, Path(a.out), cfg["mining"], resolve_device(cfg["device"]),
@@ -387,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("mine", cmd_mine, "mine one object mask per image of a shard -> HDF5")
     s.add_argument("--split", required=True)
     s.add_argument("--shard", type=int, required=True)
+    s.add_argument("--image-list", help="the shard's planned images (JSON, rule list_images) instead "
+                   "of listing the split anew")
     s.add_argument("--out", required=True)
     s = add("describe", cmd_describe, "CLS features of each mined mask's box crop -> HDF5")
     s.add_argument("--split", required=True)
@@ -487,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
         log.error("%s", err)
         print(f"maskdistill {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = resources.files("maskdistill") / "schemas" / "config.schema.yaml"
+# The folders the workflow writes, relative to its working directory (see maskdistill.plan).
+RESULTS = "results"
+LOGS = "logs"
 
 
 class ConfigError(ValueError):
@@ -108,6 +112,8 @@ _PATH_KEYS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("dataset.coco20k.images", "dir", ("coco20k",)),
     ("dataset.coco20k.filenames", "file", ("coco20k",)),
     ("dataset.coco20k.annotations", "file", ("coco20k",)),
+    ("linear_probe.train_labels", "dir", None),
+    ("linear_probe.val_labels", "dir", None),
 )
 _TIMM_KEYS = ("mining.backbone.name", "clustering.backbone.name", "pretrain.arch")
 
@@ -147,13 +153,26 @@ def reference_errors(cfg: dict[str, Any]) -> list[str]:
         if produced and key.endswith("backbone.checkpoint"):
             continue
         path = Path(value).expanduser()
-        if kind == "file" and not path.is_file():
+        owner = _workflow_folder_holding(path)
+        if owner:
+            errors.append(f"config key '{key}': {path} lies inside the workflow's {owner}/ folder, "
+                          "whose files the workflow overwrites and deletes; keep your data elsewhere")
+        elif kind == "file" and not path.is_file():
             errors.append(f"config key '{key}': file not found: {path}")
         elif kind in ("dir", "images") and not path.is_dir():
             errors.append(f"config key '{key}': folder not found: {path}")
         elif kind == "images" and not has_images(path):
             errors.append(f"config key '{key}': empty dataset, no images found in {path}")
     return errors
+
+
+def _workflow_folder_holding(path: Path) -> str | None:
+    """``results`` or ``logs`` when ``path`` (links resolved) lies in that folder of the working directory."""
+    real = Path(os.path.realpath(path))
+    for folder in (RESULTS, LOGS):
+        if real.is_relative_to(Path(os.path.realpath(folder))):
+            return folder
+    return None
 
 
 def check_references(cfg: dict[str, Any]) -> None:

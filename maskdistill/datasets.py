@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maskdistill.images import ImageRecord
+from maskdistill.images import ImageRecord, file_problem
 from maskdistill.storage import IGNORE_LABEL, encode_rle, mask_to_box, read_json, read_label_png, write_json
 
 log = logging.getLogger("maskdistill")
@@ -137,12 +137,18 @@ def voc_split_names(root: PathLike, split: str, list_file: str | None = None) ->
     return names
 
 
-def voc_records(root: PathLike, split: str, list_file: str | None = None) -> list[ImageRecord]:
-    """The JPEG images of a VOC split, sorted by key (the VOC name); every listed file must exist."""
+def voc_records(root: PathLike, split: str, list_file: str | None = None,
+                on_bad_image: str = "fail") -> list[ImageRecord]:
+    """The JPEG images of a VOC split, sorted by key (the VOC name).
+
+    Under ``on_bad_image: fail`` every listed file must exist; under ``skip`` a missing one (or a
+    dangling link) is listed like any other and met by the stage that reads it, which skips it.
+    """
     names = voc_split_names(root, split, list_file)
     jpegs = _require_dir(Path(root) / "JPEGImages", "VOC JPEGImages")
     paths = [jpegs / f"{n}.jpg" for n in names]
-    _name_missing(paths, f"VOC '{split}' images listed but")
+    if on_bad_image == "fail":
+        _name_missing(paths, f"VOC '{split}' images listed but")
     records = [ImageRecord(key=n, path=p, image_id=i)
                for n, p, i in zip(names, paths, voc_image_ids(names), strict=True)]
     return sorted(records, key=lambda r: r.key)
@@ -185,13 +191,11 @@ def voc_instances(root: PathLike, split: str = "val") -> dict[str, Any]:
     jpegs = _require_dir(base / "JPEGImages", "VOC JPEGImages")
     _name_missing([obj_dir / f"{n}.png" for n in names], f"VOC '{split}' SegmentationObject PNGs")
     _name_missing([cls_dir / f"{n}.png" for n in names], f"VOC '{split}' SegmentationClass PNGs")
-    _name_missing([jpegs / f"{n}.jpg" for n in names], f"VOC '{split}' images")
     images, annotations = [], []
     for name, image_id in sorted(zip(names, voc_image_ids(names), strict=True)):
         obj = read_label_png(obj_dir / f"{name}.png")
         cls = read_label_png(cls_dir / f"{name}.png")
-        with Image.open(jpegs / f"{name}.jpg") as im:
-            width, height = im.size
+        height, width = _voc_image_hw(jpegs / f"{name}.jpg", obj.shape)
         if obj.shape != cls.shape or obj.shape != (height, width):
             raise ValueError(f"VOC '{name}': sizes differ: image {height}x{width}, "
                              f"SegmentationObject {obj.shape[0]}x{obj.shape[1]}, "
@@ -200,6 +204,23 @@ def voc_instances(root: PathLike, split: str = "val") -> dict[str, Any]:
         annotations += _voc_image_annotations(name, obj, cls, image_id, len(annotations) + 1)
     return {"info": {"description": f"PASCAL VOC 2012 {split} instances (SegmentationObject)"},
             "images": images, "annotations": annotations, "categories": voc_categories()}
+
+
+def _voc_image_hw(jpeg: Path, label_hw: tuple[int, ...]) -> tuple[int, int]:
+    """Height and width of a VOC image from its header; its label map's size when it cannot be read.
+
+    The ground truth needs only the label PNGs: an image that is missing or a dangling link is
+    met by mining, which fails or skips it per ``dataset.on_bad_image``.
+    """
+    problem = file_problem(jpeg)
+    if problem is None:
+        try:
+            with Image.open(jpeg) as im:
+                return im.size[1], im.size[0]
+        except OSError as err:
+            problem = f"cannot read the header ({err})"
+    log.warning("%s: %s; its ground truth keeps its label map's size", jpeg, problem)
+    return int(label_hw[0]), int(label_hw[1])
 
 
 def write_voc_instances(root: PathLike, split: str, out: PathLike) -> dict[str, int]:
@@ -218,12 +239,16 @@ def coco_image_id(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def coco20k_records(images: PathLike, filenames: PathLike) -> list[ImageRecord]:
-    """The listed images under the COCO train2014 folder, sorted by key (file name without extension)."""
+def coco20k_records(images: PathLike, filenames: PathLike, on_bad_image: str = "fail") -> list[ImageRecord]:
+    """The listed images under the COCO train2014 folder, sorted by key (file name without extension).
+
+    ``on_bad_image`` as in :func:`voc_records`: ``fail`` refuses a listed file that does not exist.
+    """
     names = [Path(n).name for n in read_name_list(filenames, "COCO20k file list (dataset.coco20k.filenames)")]
     root = _require_dir(Path(images), "COCO train2014 image (dataset.coco20k.images)")
     paths = [root / n for n in names]
-    _name_missing(paths, f"COCO20k images listed in {filenames} but")
+    if on_bad_image == "fail":
+        _name_missing(paths, f"COCO20k images listed in {filenames} but")
     records = [ImageRecord(key=_stem(n), path=p, image_id=coco_image_id(n))
                for n, p in zip(names, paths, strict=True)]
     return sorted(records, key=lambda r: r.key)
@@ -298,29 +323,31 @@ def dataset_splits(dataset_cfg: dict[str, Any], results_dir: str = "results") ->
     """Split -> {images, annotations, layout} of a benchmark source; ``layout`` says how to list it."""
     source = dataset_cfg["source"]
     gt = gt_instances_path(dataset_cfg, results_dir)
+    policy = dataset_cfg.get("on_bad_image", "fail")
     if source == "voc":
         voc = dataset_cfg["voc"]
         jpegs = str(Path(voc["root"]) / "JPEGImages")
         return {
             "train": {"images": jpegs, "annotations": None,
                       "layout": {"source": "voc", "root": voc["root"], "split": voc["train_split"],
-                                 "list": voc.get("train_list")}},
+                                 "list": voc.get("train_list"), "on_bad_image": policy}},
             "val": {"images": jpegs, "annotations": gt,
                     "layout": {"source": "voc", "root": voc["root"], "split": voc["val_split"],
-                               "list": None}},
+                               "list": None, "on_bad_image": policy}},
         }
     if source == "coco20k":
         coco = dataset_cfg["coco20k"]
         return {"train": {"images": coco["images"], "annotations": gt,
                           "layout": {"source": "coco20k", "images": coco["images"],
-                                     "filenames": coco["filenames"]}}}
+                                     "filenames": coco["filenames"], "on_bad_image": policy}}}
     raise ValueError(f"dataset.source '{source}' is not a benchmark layout; use one of {SOURCES}")
 
 
 def list_layout(layout: dict[str, Any]) -> list[ImageRecord]:
     """The images of a split produced by :func:`dataset_splits`."""
+    policy = layout.get("on_bad_image", "fail")
     if layout["source"] == "voc":
-        return voc_records(layout["root"], layout["split"], layout.get("list"))
+        return voc_records(layout["root"], layout["split"], layout.get("list"), policy)
     if layout["source"] == "coco20k":
-        return coco20k_records(layout["images"], layout["filenames"])
+        return coco20k_records(layout["images"], layout["filenames"], policy)
     raise ValueError(f"unknown dataset layout {layout['source']!r}")

@@ -111,6 +111,25 @@ def list_split(split_cfg: dict[str, Any]) -> list[ImageRecord]:
     return records
 
 
+def write_image_list(path: str | os.PathLike[str], pairs: list[tuple[str, str]]) -> None:
+    """Write the (key, path) pairs of the images a job is planned to read, atomically, as JSON.
+
+    Mining reads its shard from this list rather than the folder, so an image that vanishes after
+    planning is met as unreadable (``file not found``) instead of silently dropped.
+    """
+    from maskdistill.storage import write_json
+
+    write_json(path, {"images": [{"key": key, "path": str(p)} for key, p in pairs]})
+
+
+def read_image_list(path: str | os.PathLike[str]) -> list[ImageRecord]:
+    """The records of a list written by :func:`write_image_list`."""
+    try:
+        return [ImageRecord(key=im["key"], path=Path(im["path"])) for im in read_json(path)["images"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not an image list written by maskdistill ({err!r})") from err
+
+
 def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[ImageRecord]:
     """The records whose key mining did not skip (policy ``skip``: later stages ignore them too)."""
     return [r for r in records if r.key not in skipped_keys]
@@ -180,18 +199,31 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return rgb
 
 
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be an image as far as its directory entry tells (no decoding), or None.
+
+    Dangling symlinks, vanished files, folders, empty and unreadable files are named here, so the
+    workflow's planner can refuse them before any job and every stage gives the same reason.
+    """
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        return f"dangling symlink (target {os.readlink(p)} does not exist)"
+    if not p.exists():
+        return "file not found"
+    if not p.is_file():
+        return "not a regular file"
+    if p.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(p, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
 def _check_file(p: Path) -> None:
     """Clear reasons for files that cannot be images before PIL sees them."""
-    if p.is_symlink() and not p.exists():
-        raise ImageReadError(f"{p}: dangling symlink (target {os.readlink(p)} does not exist)")
-    if not p.exists():
-        raise ImageReadError(f"{p}: file not found")
-    if not p.is_file():
-        raise ImageReadError(f"{p}: not a regular file")
-    if p.stat().st_size == 0:
-        raise ImageReadError(f"{p}: empty file (0 bytes)")
-    if not os.access(p, os.R_OK):
-        raise ImageReadError(f"{p}: not readable (permission denied)")
+    problem = file_problem(p)
+    if problem:
+        raise ImageReadError(f"{p}: {problem}")
 
 
 def _check_size(p: Path, im: Image.Image) -> None:

@@ -107,7 +107,9 @@ def prepare_checkpoint_dir(path: Path, identity: Any) -> Path:
     """Create ``path`` for resumable checkpoints of one run, identified by ``identity``.
 
     Checkpoints left by a run with different settings or inputs are removed, so a rerun after a
-    config change starts fresh while a rerun after a crash resumes.
+    config change starts fresh while a rerun after a crash resumes. Only a folder this function
+    made (it holds its ``RUN_ID`` marker) is ever emptied: an existing folder without the marker
+    that holds anything is refused, so a mistyped path cannot delete someone's files.
     """
     import json
     import shutil
@@ -116,7 +118,10 @@ def prepare_checkpoint_dir(path: Path, identity: Any) -> Path:
 
     stamp = fingerprint(json.loads(json.dumps(identity, default=str)))
     marker = path / "RUN_ID"
-    if path.exists() and (not marker.is_file() or marker.read_text().strip() != stamp):
+    if path.exists() and not marker.is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: not a maskdistill checkpoint folder (no RUN_ID marker) and not "
+                              "empty; refusing to use it for checkpoints: give a new or empty folder")
+    if marker.is_file() and marker.read_text().strip() != stamp:
         log.info("checkpoints in %s belong to other settings; starting fresh", path)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@ from snakemake.utils import min_version, validate
 import maskdistill
 from maskdistill.config import SCHEMA_PATH, ConfigError, check_references, validate_config
 from maskdistill.datasets import coco20k_gt_path, evaluation_split, semantic_gt_dir, voc_gt_path
-from maskdistill.images import resolve_splits
-from maskdistill.plan import DESCRIBE_KEYS, RESULTS, rule_config, shard_digest, shard_ids, shard_members, split_keys
+from maskdistill.images import resolve_splits, write_image_list
+from maskdistill.plan import (DESCRIBE_KEYS, RESULTS, image_inputs, images_fingerprint, rule_config, shard_digest,
+                              shard_ids, shard_members, split_keys, workflow_outputs_outside)
 
 min_version("9.0")
 
@@ -34,7 +35,10 @@ if config["pretrain"]["enabled"]:
     for _section in ("mining", "clustering"):
         config[_section]["backbone"] = {"name": config["pretrain"]["arch"], "pretrained": False,
                                         "checkpoint": PRETRAINED}
-SPLITS = split_keys(config)
+try:  # the images of each split; under on_bad_image: fail, unreadable ones stop the plan here
+    SPLITS = split_keys(config)
+except (ValueError, FileNotFoundError) as err:
+    raise WorkflowError(str(err)) from None
 SHARDS = shard_ids(config)
 NUM_SHARDS = config["dataset"]["num_shards"]
 HAS_VAL = "val" in SPLITS
@@ -54,8 +58,32 @@ def members(wildcards):
 
 
 def shard_images(wildcards):
-    """The image files of one shard: their change (mtime) reruns only that shard."""
-    return [path for _, path in members(wildcards)]
+    """The image files of one shard that are declared inputs: the demo's (workflow outputs) only.
+
+    A user's images are never declared (see plan.image_inputs): their sizes and modification
+    times are in the rule's params (shard_digest), so a changed image reruns only its shard.
+    """
+    return image_inputs(members(wildcards))
+
+
+def split_images(wildcards):
+    """The declared image inputs of a whole split (the demo's only, as in shard_images)."""
+    return image_inputs(SPLITS[wildcards.split])
+
+
+def image_list():
+    """The shard's image list that a mine job reads (user sources; the demo lists its own)."""
+    if config["dataset"]["source"] == "demo":
+        return []
+    return f"{RESULTS}/images/{{split}}/shard-{{shard}}.json"
+
+
+def user_images_params(split):
+    """``images=`` the fingerprint of a split of user images, for the params of a rule that reads
+    them with nothing upstream (pretrain); empty for the demo, whose images are declared inputs."""
+    if config["dataset"]["source"] == "demo":
+        return {}
+    return {"images": images_fingerprint(SPLITS[split])}
 
 
 def pretrained_weights():

@@ -23,7 +23,7 @@ rule train_detector:
 rule predict_detector:
     input:
         model=f"{RESULTS}/detector/model.pt",
-        images=lambda wc: [path for _, path in SPLITS[wc.split]],
+        images=split_images,
     output:
         f"{RESULTS}/detector/predictions_{{split}}.json",
     params:

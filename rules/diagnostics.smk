@@ -23,6 +23,9 @@ rule patch_kmeans:
     input:
         demo_outputs(),
         weights=pretrained_weights(),
+        # on_bad_image: skip: the images mining skipped are left out here too (read from the shards)
+        skipped=lambda wc: (shard_files("masks", "train") + shard_files("masks", wc.split)
+                            if config["dataset"]["on_bad_image"] == "skip" else []),
     output:
         directory(f"{RESULTS}/baselines/patch_kmeans/{{split}}"),
     params:

@@ -1,16 +1,37 @@
 # Stage 1: one object mask per image from the ViT's last attention block, one job per shard.
+# For a user's images (every source but the demo), list_images writes down the images that the
+# planner listed for each shard (in the Snakemake process, from the plan itself); the shard's mine
+# job reads them from that list, so an image that vanishes before its job is met as unreadable
+# (skipped or failed per dataset.on_bad_image), never silently dropped. A changed image changes
+# its shard's params, so only that shard is listed and mined again.
+
+if config["dataset"]["source"] != "demo":
+
+    rule list_images:
+        output:
+            f"{RESULTS}/images/{{split}}/shard-{{shard}}.json",
+        params:
+            images=lambda wc: shard_digest(members(wc)),
+        log:
+            "logs/list_images/{split}-{shard}.log",
+        localrule: True
+        priority: 100  # all lists first, before any job can read an image
+        run:
+            write_image_list(output[0], members(wildcards))  # the list the planner made
 
 
 rule mine:
     input:
         demo_outputs(),
         images=shard_images,
+        image_list=image_list(),
         weights=pretrained_weights(),
     output:
         f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
     params:
         cfg=cfg("mining"),
         images=lambda wc: shard_digest(members(wc)),
+        image_list=lambda wc, input: f"--image-list {input.image_list}" if input.image_list else "",
         version=VERSION,
     conda:
         "../envs/maskdistill.yaml"
@@ -19,4 +40,4 @@ rule mine:
     threads: 2
     shell:
         "maskdistill --threads {threads} mine --config {params.cfg:q} --split {wildcards.split}"
-        " --shard {wildcards.shard} --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} {params.image_list} --out {output} > {log} 2>&1"

@@ -4,10 +4,11 @@
 rule pretrain:
     input:
         demo_outputs(),
-        images=lambda wc: [path for _, path in SPLITS["train"]],
+        images=image_inputs(SPLITS["train"]),
     output:
         PRETRAINED,
     params:
+        **user_images_params("train"),
         cfg=cfg("pretrain"),
         checkpoints=f"{RESULTS}/pretrain/checkpoints",
         version=VERSION,

@@ -25,7 +25,7 @@ rule train_segmentation:
 rule predict_segmentation:
     input:
         model=f"{RESULTS}/segmentation/model.pt",
-        images=lambda wc: [path for _, path in SPLITS[wc.split]],
+        images=split_images,
     output:
         directory(f"{RESULTS}/segmentation/predictions/{{split}}"),
     params:
@@ -70,7 +70,7 @@ rule train_segmentation_crf:
 rule predict_segmentation_crf:
     input:
         model=f"{RESULTS}/segmentation_crf/model.pt",
-        images=lambda wc: [path for _, path in SPLITS[wc.split]],
+        images=split_images,
     output:
         directory(f"{RESULTS}/segmentation_crf/predictions/{{split}}"),
     params:
