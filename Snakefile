@@ -1,5 +1,7 @@
 # MaskDistill: unsupervised semantic segmentation by distilling object masks from a ViT.
 # Run `snakemake --cores all` for the embedded demo; see README.md for everything else.
+# Each stage has one name, from its rule file to its command, module and config section.
+
 
 configfile: "config.yaml"
 
@@ -15,21 +17,28 @@ wildcard_constraints:
 include: "rules/demo.smk"
 include: "rules/datasets.smk"
 include: "rules/pretrain.smk"
-include: "rules/mine.smk"
-include: "rules/cluster.smk"
-include: "rules/detect.smk"
+include: "rules/mining.smk"
+include: "rules/input_report.smk"
+include: "rules/clustering.smk"
+include: "rules/detector.smk"
 include: "rules/pseudo_labels.smk"
-include: "rules/segment.smk"
-include: "rules/evaluate.smk"
+include: "rules/segmentation.smk"
+include: "rules/crf.smk"
+include: "rules/linear_probe.smk"
+include: "rules/evaluation.smk"
 include: "rules/diagnostics.smk"
-include: "rules/report.smk"
 
 
 rule all:
     input:
-        final_targets(),
+        PLAN.targets(),
     default_target: True
 
+
+# One software environment for every rule that runs a command (paths are relative to rules/).
+for _rule in workflow.rules:
+    if not _rule.norun and not _rule.is_run:
+        _rule.conda_env = "../envs/maskdistill.yaml"
 
 # Snakemake deletes the outputs of a failed job and `--delete-all-output` deletes every output:
 # no rule may name a file outside results/ and logs/ as an output, whatever the config says.

@@ -6,7 +6,8 @@ Bare forward: ``forward_features`` on images already decoded, resized and normal
 Whole step: ``mine_shard`` from the files to a finished HDF5 shard (decode, resize, forward up to
 the last block's q/k, mask, upsample, write). Prints seconds per image, the overhead in percent,
 and a breakdown of the step's parts (the mining forward stops at the last block's q/k, so it is
-cheaper than the bare forward).
+cheaper than the bare forward), as JSON and as a Markdown table; ``--csv FILE`` appends the row
+to a CSV file, so runs on several machines or settings collect in one table.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from maskdistill.backbone import create_vit, last_block_qk, patch_size
-from maskdistill.images import list_image_folder, pad_to_multiple, read_rgb, resized_hw, to_tensor
-from maskdistill.mining import MiningParams, mask_from_qk, mine_shard, upsample_patch_mask
+from maskdistill.datasets import list_image_folder
+from maskdistill.images import pad_to_multiple, read_rgb, resized_hw, to_tensor
+from maskdistill.mining import mask_from_qk, mine_shard, mining_params, upsample_patch_mask
+from maskdistill.settings import section_settings
 
 
 def main() -> None:
@@ -33,6 +37,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="alternating timed rounds of each")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", type=Path, help="append the result as a row of this CSV file")
     a = p.parse_args()
     device = torch.device(a.device)
     records = list_image_folder(a.images)[: a.n]
@@ -42,8 +47,8 @@ def main() -> None:
     for r in records:
         rgb = read_rgb(r.path)
         tensors.append(pad_to_multiple(to_tensor(rgb, resized_hw(*rgb.shape[:2], a.short_side)), ps))
-    cfg = {"backbone": {"name": a.model}, "short_side": a.short_side, "mass": 0.5,
-           "proposal_ratio": 0.4, "batch_size": a.batch_size, "log_every": 10**9}
+    settings = section_settings("mining", {"backbone": {"name": a.model}, "short_side": a.short_side,
+                                           "batch_size": a.batch_size, "log_every": 10**9})
 
     def sync() -> None:
         if device.type == "cuda":
@@ -62,7 +67,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             sync()
             t0 = time.perf_counter()
-            mine_shard(records, Path(tmp) / "shard.h5", cfg, device)
+            mine_shard(records, Path(tmp) / "shard.h5", settings, device)
             sync()
             return time.perf_counter() - t0
 
@@ -79,7 +84,7 @@ def main() -> None:
             sync()
             t2 = time.perf_counter()
             grid = (x.shape[-2] // ps, x.shape[-1] // ps)
-            pm = mask_from_qk(q[0], k[0], grid, MiningParams())
+            pm = mask_from_qk(q[0], k[0], grid, mining_params(settings))
             upsample_patch_mask(pm.mask, ps, size, rgb.shape[:2])
             t3 = time.perf_counter()
             for name, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2), strict=True):
@@ -92,11 +97,15 @@ def main() -> None:
         bare_times.append(bare())
         whole_times.append(whole())
     b, w = min(bare_times) / len(records), min(whole_times) / len(records)
-    print(json.dumps({"model": a.model, "short_side": a.short_side, "images": len(records),
-                      "torch_threads": torch.get_num_threads(), "device": str(device),
-                      "bare_forward_s_per_img": round(b, 4), "whole_step_s_per_img": round(w, 4),
-                      "overhead_percent": round(100 * (w / b - 1), 1),
-                      "parts_s_per_img": breakdown()}, indent=1))
+    result = {"model": a.model, "short_side": a.short_side, "images": len(records),
+              "torch_threads": torch.get_num_threads(), "device": str(device),
+              "bare_forward_s_per_img": round(b, 4), "whole_step_s_per_img": round(w, 4),
+              "overhead_percent": round(100 * (w / b - 1), 1), "parts_s_per_img": breakdown()}
+    print(json.dumps(result, indent=1))
+    row = pd.json_normalize(result, sep=".")  # one row; the parts become parts_s_per_img.<part>
+    print(row.to_markdown(index=False))
+    if a.csv:
+        row.to_csv(a.csv, mode="a", header=not a.csv.is_file(), index=False)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sklearn.cluster import MiniBatchKMeans
 
 from maskdistill.backbone import cls_features, create_vit
 from maskdistill.images import read_rgb, to_tensor
+from maskdistill.settings import ClusteringSettings
 from maskdistill.storage import (
     CorruptFileError,
     MinedMask,
@@ -23,6 +24,7 @@ from maskdistill.storage import (
     read_mask_shard,
     write_json,
 )
+from maskdistill.training import progress
 
 log = logging.getLogger("maskdistill")
 
@@ -36,30 +38,35 @@ def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
     return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
-def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, cfg: dict[str, Any],
+def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: ClusteringSettings,
                    device: torch.device) -> int:
-    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features)."""
-    bb = cfg["backbone"]
-    model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
+    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features); returns the count."""
+    bb = s.backbone
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
     items = read_mask_shard(mask_shard)
     feats: list[np.ndarray] = []
-    start = time.perf_counter()
-    for lo in range(0, len(items), cfg["batch_size"]):
-        chunk = items[lo:lo + cfg["batch_size"]]
-        crops = [to_tensor(crop_box(read_rgb(images_root / it.file_name), it.box, cfg["crop_size"]))
+    batches = progress(_chunks(items, s.batch_size), total=-(-len(items) // s.batch_size),
+                       desc=f"describing {Path(mask_shard).name}", unit="batch")
+    for chunk in batches:
+        crops = [to_tensor(crop_box(read_rgb(images_root / it.file_name), it.box, s.crop_size))
                  for it in chunk]
         feats.append(cls_features(model, torch.stack(crops).to(device)).float().cpu().numpy())
-        log.info("described %d/%d masks (%.2f s)", lo + len(chunk), len(items),
-                 time.perf_counter() - start)
+    log.info("described %d masks of %s", len(items), mask_shard)
     dim = int(model.num_features)
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
     with atomic_path(out_path, suffix=".tmp.h5") as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("keys", data=np.array([it.key for it in items], dtype=object),
                           dtype=h5py.string_dtype())
         h5.create_dataset("features", data=features)
-        h5.attrs["backbone"] = bb["name"]
+        h5.attrs["backbone"] = bb.name
         h5.attrs["complete"] = True
     return len(items)
+
+
+def _chunks(items: Sequence[MinedMask], size: int) -> Iterator[Sequence[MinedMask]]:
+    """Consecutive slices of ``items`` of at most ``size`` (one forward pass each)."""
+    for lo in range(0, len(items), size):
+        yield items[lo:lo + size]
 
 
 def read_features(path: Path) -> tuple[list[str], np.ndarray]:
@@ -80,15 +87,15 @@ def whiten(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
-def fit_kmeans(features: np.ndarray, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Whitening statistics and MiniBatchKMeans centroids fitted on ``features``."""
-    k = cfg["num_clusters"] * cfg["overclustering"]
+def fit_kmeans(features: np.ndarray, s: ClusteringSettings) -> dict[str, np.ndarray]:
+    """Whitening statistics and MiniBatchKMeans centroids (``s.num_centroids``) fitted on ``features``."""
+    k = s.num_centroids
     if len(features) < k:
         raise ValueError(f"config key 'clustering.num_clusters': {k} clusters requested but only "
                          f"{len(features)} masks were mined")
     mean, std = features.mean(0), features.std(0)
-    km = MiniBatchKMeans(n_clusters=k, batch_size=cfg["kmeans_batch_size"], n_init=cfg["n_init"],
-                         random_state=cfg["seed"])
+    km = MiniBatchKMeans(n_clusters=k, batch_size=s.kmeans_batch_size, n_init=s.n_init,
+                         random_state=s.seed)
     km.fit(whiten(features, mean, std))
     return {"mean": mean, "std": std, "centroids": km.cluster_centers_.astype(np.float32)}
 
@@ -119,15 +126,16 @@ def coco_from_masks(items: list[MinedMask], clusters: np.ndarray, num_clusters: 
 
 
 def cluster_splits(mask_shards: dict[str, list[Path]], feature_shards: dict[str, list[Path]],
-                   out_jsons: dict[str, Path], out_model: Path, cfg: dict[str, Any],
+                   out_jsons: dict[str, Path], out_model: Path, s: ClusteringSettings,
                    image_ids: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
-    """Fit K-means on the train split's features, assign every split, write COCO pseudo-labels."""
+    """Fit K-means on the train split's features, assign every split, write COCO pseudo-labels
+    (``out_jsons[split]``) and the model (``out_model``, npz); returns the cluster sizes per split."""
     feats: dict[str, tuple[list[str], np.ndarray]] = {}
     for split, paths in feature_shards.items():
         parts = [read_features(p) for p in paths]
         keys = [k for ks, _ in parts for k in ks]
         feats[split] = (keys, np.concatenate([f for _, f in parts]))
-    model = fit_kmeans(feats["train"][1], cfg)
+    model = fit_kmeans(feats["train"][1], s)
     k = len(model["centroids"])
     with atomic_path(out_model, suffix=".tmp.npz") as tmp:
         with open(tmp, "wb") as f:

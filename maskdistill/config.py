@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -62,11 +61,9 @@ def _fill_defaults(schema: dict[str, Any], value: Any, root: dict[str, Any]) -> 
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate, then return a copy with every default filled in; raise ConfigError naming keys."""
+    """A copy of ``config`` with every default filled in, checked once against the schema (and the
+    few rules a schema cannot state); raise ConfigError naming every bad key."""
     schema = load_schema()
-    errors = config_errors(config)
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     filled = _fill_defaults(schema, copy.deepcopy(config), schema)
     errors = config_errors(filled)
     if errors:
@@ -134,7 +131,7 @@ def reference_errors(cfg: dict[str, Any]) -> list[str]:
     model names are looked up in timm's registry (after the package's own ViTs are registered).
     """
     from maskdistill.backbone import check_vit_name  # registers the demo ViT with timm
-    from maskdistill.images import has_images
+    from maskdistill.datasets import has_images
 
     errors = []
     for key in _TIMM_KEYS:
@@ -182,12 +179,6 @@ def check_references(cfg: dict[str, Any]) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML config file and validate it."""
-    with open(path) as f:
-        return validate_config(yaml.safe_load(f) or {})
-
-
 def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-serialisable value."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
@@ -210,13 +201,3 @@ def weight_notes(cfg: dict[str, Any]) -> list[str]:
                       "pipeline runs, not that the method works")
         notes.append(f"{stage} ViT `{bb['name']}`: {source}")
     return notes
-
-
-@functools.cache
-def _all_defaults() -> dict[str, Any]:
-    return validate_config({})
-
-
-def section_defaults(section: str) -> dict[str, Any]:
-    """The default values of one top-level config section (a fresh copy)."""
-    return copy.deepcopy(_all_defaults()[section])

@@ -9,27 +9,21 @@ the CRF then chooses among the labels present in the image.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from maskdistill.images import ImageRecord, read_rgb
+from maskdistill.settings import CrfSettings, section_settings
 from maskdistill.storage import IGNORE_LABEL, read_label_png, write_label_png
+from maskdistill.training import progress
 
-log = logging.getLogger("maskdistill")
 
-DEFAULTS: dict[str, Any] = {
-    "iterations": 10,
-    "gaussian_sxy": 1.0,
-    "gaussian_compat": 3.0,
-    "bilateral_sxy": 67.0,
-    "bilateral_srgb": 3.0,
-    "bilateral_compat": 4.0,
-    "label_confidence": 0.7,
-}
+@cache
+def default_settings() -> CrfSettings:
+    """The paper's CRF settings: the config schema's defaults of the ``crf`` section."""
+    return section_settings("crf")
 
 
 def _densecrf():
@@ -58,10 +52,13 @@ def probabilities_from_labels(labels: np.ndarray, num_labels: int, confidence: f
     return probs
 
 
-def refine_probabilities(image: np.ndarray, probs: np.ndarray, cfg: Mapping[str, Any] | None = None
+def refine_probabilities(image: np.ndarray, probs: np.ndarray, s: CrfSettings | None = None
                          ) -> np.ndarray:
-    """Mean-field dense CRF over ``probs`` (C, H, W) for an RGB uint8 ``image``; returns (C, H, W)."""
-    p = {**DEFAULTS, **(cfg or {})}
+    """Mean-field dense CRF over ``probs`` (C, H, W) for an RGB uint8 ``image``; returns (C, H, W).
+
+    ``s``: kernel settings and iterations (None: the paper's, :func:`default_settings`).
+    """
+    s = s or default_settings()
     image = np.asarray(image)
     probs = np.asarray(probs, dtype=np.float32)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -73,25 +70,25 @@ def refine_probabilities(image: np.ndarray, probs: np.ndarray, cfg: Mapping[str,
     crf = dcrf.DenseCRF2D(w, h, c)
     unary = -np.log(np.clip(probs, 1e-8, 1.0)).reshape(c, -1)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=float(p["gaussian_sxy"]), compat=float(p["gaussian_compat"]))
-    crf.addPairwiseBilateral(sxy=float(p["bilateral_sxy"]), srgb=float(p["bilateral_srgb"]),
+    crf.addPairwiseGaussian(sxy=s.gaussian_sxy, compat=s.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=s.bilateral_sxy, srgb=s.bilateral_srgb,
                              rgbim=np.array(image, dtype=np.uint8, order="C"),  # writable copy
-                             compat=float(p["bilateral_compat"]))
-    q = crf.inference(int(p["iterations"]))
+                             compat=s.bilateral_compat)
+    q = crf.inference(s.iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
 
 
 def refine_labels(image: np.ndarray, labels_or_probs: np.ndarray,
-                  cfg: Mapping[str, Any] | None = None) -> np.ndarray:
+                  s: CrfSettings | None = None) -> np.ndarray:
     """CRF-refined uint8 label map (H, W) of a label map (H, W) or probabilities (C, H, W).
 
     A label map is refined among the labels it contains (the CRF cannot invent new ones); 255
-    pixels take the label the CRF gives them.
+    pixels take the label the CRF gives them. ``s``: None = the paper's settings.
     """
-    p = {**DEFAULTS, **(cfg or {})}
+    s = s or default_settings()
     arr = np.asarray(labels_or_probs)
     if arr.ndim == 3:
-        return refine_probabilities(image, arr, p).argmax(0).astype(np.uint8)
+        return refine_probabilities(image, arr, s).argmax(0).astype(np.uint8)
     if arr.ndim != 2:
         raise ValueError(f"expected a label map (H, W) or probabilities (C, H, W), got {arr.shape}")
     present = np.unique(arr[arr != IGNORE_LABEL])
@@ -99,24 +96,24 @@ def refine_labels(image: np.ndarray, labels_or_probs: np.ndarray,
         return np.where(arr == IGNORE_LABEL, present[0] if present.size else 0, arr).astype(np.uint8)
     compact = np.full(256, IGNORE_LABEL, dtype=np.int64)
     compact[present] = np.arange(present.size)
-    probs = probabilities_from_labels(compact[arr], present.size, float(p["label_confidence"]))
-    refined = refine_probabilities(image, probs, p).argmax(0)
+    probs = probabilities_from_labels(compact[arr], present.size, s.label_confidence)
+    refined = refine_probabilities(image, probs, s).argmax(0)
     return present[refined].astype(np.uint8)
 
 
-def refine_folder(records: list[ImageRecord], labels_dir: Path, out_dir: Path,
-                  cfg: Mapping[str, Any] | None = None, log_every: int = 50) -> int:
-    """Write ``out_dir/<key>.png``: the CRF-refined ``labels_dir/<key>.png`` of every record."""
+def refine_folder(records: list[ImageRecord], labels_dir: Path, out_dir: Path, s: CrfSettings) -> int:
+    """Write ``out_dir/<key>.png``: the CRF-refined ``labels_dir/<key>.png`` of every record.
+
+    Returns the number of label maps written.
+    """
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, rec in enumerate(records, 1):
+    for rec in progress(records, total=len(records), desc="CRF refinement"):
         src = labels_dir / f"{rec.key}.png"
         labels = read_label_png(src)
         rgb = read_rgb(rec.path)
         if labels.shape != rgb.shape[:2]:
             raise ValueError(f"{src}: label size {labels.shape} differs from image {rec.path} "
                              f"size {rgb.shape[:2]}")
-        write_label_png(out_dir / f"{rec.key}.png", refine_labels(rgb, labels, cfg))
-        if i % max(1, log_every) == 0 or i == len(records):
-            log.info("CRF refined %d/%d label maps", i, len(records))
+        write_label_png(out_dir / f"{rec.key}.png", refine_labels(rgb, labels, s))
     return len(records)

@@ -1,4 +1,9 @@
-"""Benchmark dataset layouts: PASCAL VOC 2012 and COCO20k (listing, ground-truth instances files).
+"""Where the images are: one dataset source per ``dataset.source`` (demo, images, voc, coco20k).
+
+A :class:`DatasetSource` answers every question the workflow and the stages ask about the data:
+which splits there are, which images a split holds (:meth:`~DatasetSource.records`), which split
+is evaluated, and where its ground truth lies (COCO instances, VOC label PNGs, the linear probe's
+label maps). :func:`dataset_source` makes the one that ``dataset.source`` names.
 
 PASCAL VOC 2012 uses the standard ``VOCdevkit/VOC2012`` folder::
 
@@ -24,16 +29,28 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from maskdistill.images import ImageRecord, file_problem
-from maskdistill.storage import IGNORE_LABEL, encode_rle, mask_to_box, read_json, read_label_png, write_json
+from maskdistill.config import RESULTS
+from maskdistill.images import IMAGE_EXTENSIONS, ImageRecord, file_problem
+from maskdistill.settings import DatasetSettings, DemoSettings
+from maskdistill.storage import (
+    IGNORE_LABEL,
+    encode_rle,
+    key_of_file,
+    mask_to_box,
+    read_json,
+    read_label_png,
+    write_json,
+)
 
 log = logging.getLogger("maskdistill")
 PathLike = str | os.PathLike[str]
@@ -50,7 +67,8 @@ VOC_TRAIN_AUG_LISTS = (
     "ImageSets/SegmentationAug/train_aug.txt",
 )
 GT_DIR = "gt"
-SOURCES = ("voc", "coco20k")
+DEMO_DIR = "demo"
+SOURCES = ("demo", "images", "voc", "coco20k")
 _MAX_NAMED = 5  # missing files named in an error before "... and N more"
 
 
@@ -96,6 +114,110 @@ def read_name_list(path: PathLike, what: str = "image list") -> list[str]:
 
 def _stem(name: str) -> str:
     return Path(name).name.rsplit(".", 1)[0]
+
+
+# ---------------------------------------------------------------- folders of images and COCO files
+
+
+def _walk_images(base: Path) -> Iterator[Path]:
+    """Image files below ``base`` (following folder links once: a link loop is not walked twice)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def has_images(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` holds at least one image file (stops at the first)."""
+    return next(_walk_images(Path(root)), None) is not None
+
+
+def list_image_folder(root: str | os.PathLike[str]) -> list[ImageRecord]:
+    """All images below ``root`` (recursively), sorted by key.
+
+    Files are listed, not decoded: a broken file is listed and met by the stage that reads it
+    (which fails or skips it per ``dataset.on_bad_image``). Two files with the same key
+    (``a/x.jpg`` and ``a/x.png``) are an error naming both.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"image folder not found: {base}")
+    records = [ImageRecord(key=_key_of(path, base), path=path) for path in _walk_images(base)]
+    records.sort(key=lambda r: r.key)
+    _check_unique(records, base)
+    return records
+
+
+def list_coco_images(images_root: str | os.PathLike[str], annotations: str | os.PathLike[str]):
+    """Images named by a COCO instances file, resolved under ``images_root``, sorted by key."""
+    base = Path(images_root)
+    data = read_json(annotations)
+    if "images" not in data:
+        raise ValueError(f"{annotations}: not a COCO instances file (no 'images' list)")
+    records = [
+        ImageRecord(key=_key_of(base / im["file_name"], base), path=base / im["file_name"],
+                    image_id=int(im["id"]))
+        for im in data["images"]
+    ]
+    records.sort(key=lambda r: r.key)
+    _check_unique(records, base)
+    return records
+
+
+def _key_of(path: Path, base: Path) -> str:
+    return key_of_file(path.relative_to(base).as_posix())
+
+
+def _check_unique(records: list[ImageRecord], base: Path) -> None:
+    seen: dict[str, Path] = {}
+    for r in records:
+        if r.key in seen:
+            raise ValueError(f"two images share the key '{r.key}' under {base}: {seen[r.key]}, {r.path}")
+        seen[r.key] = r.path
+
+
+def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[ImageRecord]:
+    """The records whose key mining did not skip (policy ``skip``: later stages leave them out too)."""
+    return [r for r in records if r.key not in skipped_keys]
+
+
+# ---------------------------------------------------------------- shards and planned image lists
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """Stable shard index of an image key: adding images never moves existing ones."""
+    return zlib.crc32(key.encode("utf-8")) % num_shards
+
+
+def shard_records(records: list[ImageRecord], shard: int, num_shards: int) -> list[ImageRecord]:
+    """The records of one shard, in key order."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
+    return [r for r in records if shard_of(r.key, num_shards) == shard]
+
+
+def write_image_list(path: str | os.PathLike[str], pairs: list[tuple[str, str]]) -> None:
+    """Write the (key, path) pairs of the images a job is planned to read, atomically, as JSON.
+
+    Mining reads its shard from this list rather than the folder, so an image that vanishes after
+    planning is met as unreadable (``file not found``) instead of silently dropped.
+    """
+    write_json(path, {"images": [{"key": key, "path": str(p)} for key, p in pairs]})
+
+
+def read_image_list(path: str | os.PathLike[str]) -> list[ImageRecord]:
+    """The records of a list written by :func:`write_image_list`."""
+    try:
+        return [ImageRecord(key=im["key"], path=Path(im["path"])) for im in read_json(path)["images"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not an image list written by maskdistill ({err!r})") from err
 
 
 # ---------------------------------------------------------------- PASCAL VOC 2012
@@ -284,70 +406,192 @@ def write_coco20k_instances(annotations: PathLike, filenames: PathLike,
             "categories": len(data["categories"])}
 
 
-# ---------------------------------------------------------------- workflow splits
+# ---------------------------------------------------------------- the demo's keys
 
 
-def evaluation_split(dataset_cfg: dict[str, Any]) -> str:
-    """The split that is evaluated: COCO20k is evaluated on its own (training) images, as in the paper."""
-    return "train" if dataset_cfg["source"] == "coco20k" else "val"
+def demo_image_keys(demo: DemoSettings, split: str) -> list[str]:
+    """Keys of a demo split ("scene_0000", ...), known without drawing anything."""
+    counts = {"train": demo.num_train, "val": demo.num_val}
+    if split not in counts:
+        raise ValueError(f"the demo has no split {split!r}; it has {', '.join(counts)}")
+    count = counts[split]
+    width = max(4, len(str(count - 1)))
+    return [f"scene_{i:0{width}d}" for i in range(count)]
 
 
-def voc_gt_path(voc_cfg: dict[str, Any], results_dir: str = "results") -> str:
+# ---------------------------------------------------------------- dataset sources
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """The images and ground truth of one ``dataset.source``; paths written by the workflow lie
+    below ``results`` (relative to the working directory)."""
+
+    dataset: DatasetSettings
+    results: str = RESULTS
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits the workflow mines and segments."""
+        return ("train", "val")
+
+    @property
+    def evaluation_split(self) -> str:
+        """The split that is scored (COCO20k: its own train images, as in the paper)."""
+        return "val"
+
+    def images_root(self, split: str) -> Path:
+        """The folder that image keys are relative to."""
+        raise NotImplementedError
+
+    def records(self, split: str) -> list[ImageRecord]:
+        """The images of ``split``, sorted by key (listed, not decoded)."""
+        raise NotImplementedError
+
+    def planned(self, split: str) -> list[tuple[str, str]]:
+        """``(key, path)`` of the images of ``split`` as the planner sees them before any job."""
+        return [(r.key, str(r.path)) for r in self.records(split)]
+
+    def gt_instances(self, split: str) -> str | None:
+        """The COCO instances file that is the ground truth of ``split`` (None: there is none)."""
+        return None
+
+    def gt_semantic(self, split: str) -> str | None:
+        """A folder of ground-truth label PNGs ``<key>.png`` of ``split`` (VOC), else None."""
+        return None
+
+    def probe_labels(self, split: str) -> str | None:
+        """The ground-truth label PNGs the linear probe uses when the config names none."""
+        return None
+
+    def images_key(self, split: str) -> str:
+        """The config key that says where the images of ``split`` are (for error messages)."""
+        return f"dataset.{split}.images"
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"config key 'dataset.{split}': split '{split}' is not configured "
+                             f"(dataset.source {self.dataset.source} has {', '.join(self.splits)})")
+
+
+class DemoSource(DatasetSource):
+    """The embedded demo: scenes that the ``make_demo`` rule draws into ``results/demo``."""
+
+    def _root(self, split: str) -> Path:
+        return Path(self.results) / DEMO_DIR / split
+
+    def images_root(self, split: str) -> Path:
+        return self._root(split) / "images"
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        annotated = self.gt_instances(split) is not None
+        return [ImageRecord(key, self.images_root(split) / f"{key}.png", i + 1 if annotated else None)
+                for i, key in enumerate(demo_image_keys(self.dataset.demo, split))]
+
+    def gt_instances(self, split: str) -> str | None:
+        return str(self._root(split) / "instances.json") if split == "val" else None
+
+    def probe_labels(self, split: str) -> str | None:
+        return str(self._root(split) / "semantic")
+
+
+class ImageFolderSource(DatasetSource):
+    """Folders of the user's images (``dataset.train``, ``dataset.val``), optionally with COCO
+    instances files that list the images and are their ground truth."""
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val") if self.dataset.val.images else ("train",)
+
+    def _split(self, split: str):
+        self.check_split(split)
+        return {"train": self.dataset.train, "val": self.dataset.val}[split]
+
+    def images_root(self, split: str) -> Path:
+        return Path(self._split(split).images or "")
+
+    def records(self, split: str) -> list[ImageRecord]:
+        spec = self._split(split)
+        ann = spec.annotations
+        records = list_coco_images(spec.images, ann) if ann else list_image_folder(spec.images)
+        if not records:
+            where = f"{ann} (images under {spec.images})" if ann else spec.images
+            raise ValueError(f"config key '{self.images_key(split)}': empty dataset, no images found "
+                             f"in {where} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        return records
+
+    def gt_instances(self, split: str) -> str | None:
+        return self._split(split).annotations if split in self.splits else None
+
+
+class VocSource(DatasetSource):
+    """PASCAL VOC 2012: ``train_split`` is mined and trained on, ``val_split`` is evaluated."""
+
+    def images_root(self, split: str) -> Path:
+        return Path(self.dataset.voc.root or "") / "JPEGImages"
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        voc = self.dataset.voc
+        name, list_file = (voc.train_split, voc.train_list) if split == "train" else (voc.val_split, None)
+        return voc_records(voc.root or "", name, list_file, self.dataset.on_bad_image)
+
+    def gt_instances(self, split: str) -> str | None:
+        return voc_gt_path(self.dataset.voc.val_split, self.results) if split == "val" else None
+
+    def gt_semantic(self, split: str) -> str | None:
+        return str(Path(self.dataset.voc.root or "") / "SegmentationClass") if split == "val" else None
+
+    def probe_labels(self, split: str) -> str | None:
+        if split == "val":
+            return self.gt_semantic(split)
+        return str(Path(self.dataset.voc.root or "") / "SegmentationClassAug")
+
+    def images_key(self, split: str) -> str:
+        return "dataset.voc.root"
+
+
+class Coco20kSource(DatasetSource):
+    """COCO20k: one split, mined, trained on and evaluated (the paper's protocol)."""
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train",)
+
+    @property
+    def evaluation_split(self) -> str:
+        return "train"
+
+    def images_root(self, split: str) -> Path:
+        return Path(self.dataset.coco20k.images or "")
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        coco = self.dataset.coco20k
+        return coco20k_records(coco.images or "", coco.filenames or "", self.dataset.on_bad_image)
+
+    def gt_instances(self, split: str) -> str | None:
+        return coco20k_gt_path(self.results) if self.dataset.coco20k.annotations else None
+
+    def images_key(self, split: str) -> str:
+        return "dataset.coco20k.images"
+
+
+_SOURCES: dict[str, type[DatasetSource]] = {"demo": DemoSource, "images": ImageFolderSource,
+                                            "voc": VocSource, "coco20k": Coco20kSource}
+
+
+def dataset_source(dataset: DatasetSettings, results: str = RESULTS) -> DatasetSource:
+    """The source that ``dataset.source`` names."""
+    return _SOURCES[dataset.source](dataset, results)
+
+
+def voc_gt_path(val_split: str, results: str = RESULTS) -> str:
     """Where the workflow writes the COCO instances of the evaluated VOC split."""
-    return str(Path(results_dir) / GT_DIR / f"voc_{voc_cfg['val_split']}.json")
+    return str(Path(results) / GT_DIR / f"voc_{val_split}.json")
 
 
-def coco20k_gt_path(results_dir: str = "results") -> str:
+def coco20k_gt_path(results: str = RESULTS) -> str:
     """Where the workflow writes the COCO20k instances file."""
-    return str(Path(results_dir) / GT_DIR / "coco20k.json")
-
-
-def gt_instances_path(dataset_cfg: dict[str, Any], results_dir: str = "results") -> str | None:
-    """The ground-truth COCO file the workflow writes for a benchmark source (None: it writes none)."""
-    source = dataset_cfg["source"]
-    if source == "voc":
-        return voc_gt_path(dataset_cfg["voc"], results_dir)
-    if source == "coco20k" and dataset_cfg["coco20k"].get("annotations"):
-        return coco20k_gt_path(results_dir)
-    return None
-
-
-def semantic_gt_dir(dataset_cfg: dict[str, Any]) -> str | None:
-    """Folder of semantic label PNGs used as ground truth (VOC: SegmentationClass, 255 ignored)."""
-    if dataset_cfg["source"] == "voc":
-        return str(Path(dataset_cfg["voc"]["root"]) / "SegmentationClass")
-    return None
-
-
-def dataset_splits(dataset_cfg: dict[str, Any], results_dir: str = "results") -> dict[str, dict]:
-    """Split -> {images, annotations, layout} of a benchmark source; ``layout`` says how to list it."""
-    source = dataset_cfg["source"]
-    gt = gt_instances_path(dataset_cfg, results_dir)
-    policy = dataset_cfg.get("on_bad_image", "fail")
-    if source == "voc":
-        voc = dataset_cfg["voc"]
-        jpegs = str(Path(voc["root"]) / "JPEGImages")
-        return {
-            "train": {"images": jpegs, "annotations": None,
-                      "layout": {"source": "voc", "root": voc["root"], "split": voc["train_split"],
-                                 "list": voc.get("train_list"), "on_bad_image": policy}},
-            "val": {"images": jpegs, "annotations": gt,
-                    "layout": {"source": "voc", "root": voc["root"], "split": voc["val_split"],
-                               "list": None, "on_bad_image": policy}},
-        }
-    if source == "coco20k":
-        coco = dataset_cfg["coco20k"]
-        return {"train": {"images": coco["images"], "annotations": gt,
-                          "layout": {"source": "coco20k", "images": coco["images"],
-                                     "filenames": coco["filenames"], "on_bad_image": policy}}}
-    raise ValueError(f"dataset.source '{source}' is not a benchmark layout; use one of {SOURCES}")
-
-
-def list_layout(layout: dict[str, Any]) -> list[ImageRecord]:
-    """The images of a split produced by :func:`dataset_splits`."""
-    policy = layout.get("on_bad_image", "fail")
-    if layout["source"] == "voc":
-        return voc_records(layout["root"], layout["split"], layout.get("list"), policy)
-    if layout["source"] == "coco20k":
-        return coco20k_records(layout["images"], layout["filenames"], policy)
-    raise ValueError(f"unknown dataset layout {layout['source']!r}")
+    return str(Path(results) / GT_DIR / "coco20k.json")

@@ -21,10 +21,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from maskdistill.datasets import demo_image_keys
+from maskdistill.settings import DemoSettings
 from maskdistill.storage import atomic_path, encode_rle, mask_to_box, write_json, write_label_png
+from maskdistill.training import progress
 
 DEMO_CATEGORIES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring")
-BACKGROUNDS: tuple[str, ...] = ("plain", "grain", "clutter")
 GRAIN_STD = 20.0  # grey levels, per pixel, shared by the three channels
 SPLITS = ("train", "val")
 MIN_VISIBLE_PIXELS = 20
@@ -32,21 +34,16 @@ _SPLIT_CODE = {"train": 1, "val": 2}
 _SUBPIXEL = 4  # cv2.fillPoly fractional bits
 
 
-def demo_image_keys(cfg: dict[str, Any], split: str) -> list[str]:
-    """Keys of a demo split ("scene_0000", ...), known without drawing anything."""
-    count = _split_count(cfg, split)
-    width = max(4, len(str(count - 1)))
-    return [f"scene_{i:0{width}d}" for i in range(count)]
-
-
-def generate_demo(out_dir: Path, cfg: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> None:
-    """Write images, COCO instances and semantic label maps of the demo splits under ``out_dir``."""
-    _check_cfg(cfg)
+def generate_demo(out_dir: Path, demo: DemoSettings, splits: tuple[str, ...] = SPLITS) -> None:
+    """Write images, COCO instances and semantic label maps of the demo splits under ``out_dir``:
+    ``{split}/images/{key}.png``, ``{split}/semantic/{key}.png`` and ``{split}/instances.json``."""
     for split in splits:
+        _split_count(demo, split)  # an unknown split is an error naming it
         root = Path(out_dir) / split
         images, annotations = [], []
-        for index, key in enumerate(demo_image_keys(cfg, split)):
-            rgb, inst_ids, inst_cats = draw_scene(cfg, split, index)
+        keys = demo_image_keys(demo, split)
+        for index, key in progress(enumerate(keys), total=len(keys), desc=f"demo {split}", unit="scene"):
+            rgb, inst_ids, inst_cats = draw_scene(demo, split, index)
             image_id = index + 1
             _write_rgb_png(root / "images" / f"{key}.png", rgb)
             semantic = np.zeros(inst_ids.shape, np.uint8)
@@ -72,27 +69,26 @@ def generate_demo(out_dir: Path, cfg: dict[str, Any], splits: tuple[str, ...] = 
                    {"images": images, "annotations": annotations, "categories": categories})
 
 
-def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def draw_scene(demo: DemoSettings, split: str, index: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Draw one scene: RGB uint8 (S, S, 3), instance map (0 = none, n = n-th kept instance) and
     the category id (1..C) of each kept instance."""
-    _check_cfg(cfg)
-    if not 0 <= index < _split_count(cfg, split):
+    if not 0 <= index < _split_count(demo, split):
         raise ValueError(f"demo index {index} outside split '{split}'")
-    size = int(cfg["image_size"])
-    rng = np.random.default_rng([int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index])
+    size = demo.image_size
+    rng = np.random.default_rng([demo.seed & 0xFFFFFFFF, _SPLIT_CODE[split], index])
     canvas = _background(rng, size)
-    kind = cfg.get("background", "plain")
+    kind = demo.background
     if kind != "plain":  # the grey one is still drawn, and the variant from its own stream,
         # so the objects' draws (and so the objects) stay the same; one stream serves every variant
         # (a scene has one background), so adding a variant never redraws another's scenes
-        stream = [int(cfg["seed"]) & 0xFFFFFFFF, _SPLIT_CODE[split], index, 1]
+        stream = [demo.seed & 0xFFFFFFFF, _SPLIT_CODE[split], index, 1]
         if kind == "clutter":
             canvas = _clutter(np.random.default_rng(stream), size)
         else:
             canvas += _grain(np.random.default_rng(stream), size)
     owner = np.zeros((size, size), np.int32)  # index+1 of the object owning each pixel
     cats: list[int] = []
-    num = int(rng.integers(int(cfg["min_objects"]), int(cfg["max_objects"]) + 1))
+    num = int(rng.integers(demo.min_objects, demo.max_objects + 1))
     for _ in range(num):
         cat = int(rng.integers(len(DEMO_CATEGORIES)))
         for _attempt in range(8):  # avoid hiding most of an earlier object
@@ -118,23 +114,11 @@ def draw_scene(cfg: dict[str, Any], split: str, index: int) -> tuple[np.ndarray,
 # ---------------------------------------------------------------- private helpers
 
 
-def _split_count(cfg: dict[str, Any], split: str) -> int:
+def _split_count(demo: DemoSettings, split: str) -> int:
+    """Scenes in ``split``; an unknown split is an error naming it."""
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown demo split '{split}' (expected one of {', '.join(SPLITS)})")
-    return int(cfg[f"num_{split}"])
-
-
-def _check_cfg(cfg: dict[str, Any]) -> None:
-    for key in ("num_train", "num_val", "image_size", "min_objects", "max_objects", "seed"):
-        if key not in cfg:
-            raise ValueError(f"demo config is missing '{key}'")
-    if int(cfg["image_size"]) < 32:
-        raise ValueError("demo config 'image_size' must be at least 32")
-    if not 1 <= int(cfg["min_objects"]) <= int(cfg["max_objects"]):
-        raise ValueError("demo config needs 1 <= min_objects <= max_objects")
-    if cfg.get("background", "plain") not in BACKGROUNDS:
-        raise ValueError(f"config key 'dataset.demo.background': {cfg['background']!r} is not one "
-                         f"of {list(BACKGROUNDS)}")
+    return {"train": demo.num_train, "val": demo.num_val}[split]
 
 
 def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:

@@ -1,20 +1,16 @@
-"""Datasets and image reading: list a split's images, assign stable shards, decode and resize."""
+"""Image reading: decode any image file to RGB (or say why not), resize, normalise, pad."""
 
 from __future__ import annotations
 
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-
-from maskdistill.storage import key_of_file, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,121 +38,6 @@ class ImageRecord:
     key: str  # relative path without extension, '/' separated; unique in the split
     path: Path
     image_id: int | None = None
-
-
-def _walk_images(base: Path) -> Iterator[Path]:
-    """Image files below ``base`` (following folder links once: a link loop is not walked twice)."""
-    seen: set[str] = set()
-    for dirpath, dirnames, files in os.walk(base, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def has_images(root: str | os.PathLike[str]) -> bool:
-    """Whether ``root`` holds at least one image file (stops at the first)."""
-    return next(_walk_images(Path(root)), None) is not None
-
-
-def list_image_folder(root: str | os.PathLike[str]) -> list[ImageRecord]:
-    """All images below ``root`` (recursively), sorted by key.
-
-    Files are listed, not decoded: a broken file is listed and met by the stage that reads it
-    (which fails or skips it per ``dataset.on_bad_image``). Two files with the same key
-    (``a/x.jpg`` and ``a/x.png``) are an error naming both.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"image folder not found: {base}")
-    records = [ImageRecord(key=_key_of(path, base), path=path) for path in _walk_images(base)]
-    records.sort(key=lambda r: r.key)
-    _check_unique(records, base)
-    return records
-
-
-def list_coco_images(images_root: str | os.PathLike[str], annotations: str | os.PathLike[str]):
-    """Images named by a COCO instances file, resolved under ``images_root``, sorted by key."""
-    base = Path(images_root)
-    data = read_json(annotations)
-    if "images" not in data:
-        raise ValueError(f"{annotations}: not a COCO instances file (no 'images' list)")
-    records = [
-        ImageRecord(key=_key_of(base / im["file_name"], base), path=base / im["file_name"],
-                    image_id=int(im["id"]))
-        for im in data["images"]
-    ]
-    records.sort(key=lambda r: r.key)
-    _check_unique(records, base)
-    return records
-
-
-def list_split(split_cfg: dict[str, Any]) -> list[ImageRecord]:
-    """Images of a split config ``{images: dir, annotations: json | null}``."""
-    if split_cfg.get("layout"):  # a benchmark layout (VOC, COCO20k) lists its own images
-        from maskdistill.datasets import list_layout
-
-        return list_layout(split_cfg["layout"])
-    ann = split_cfg.get("annotations")
-    records = list_coco_images(split_cfg["images"], ann) if ann else list_image_folder(split_cfg["images"])
-    if not records:
-        where = f"{ann} (images under {split_cfg['images']})" if ann else split_cfg["images"]
-        raise ValueError(f"empty dataset: no images found in {where} "
-                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return records
-
-
-def write_image_list(path: str | os.PathLike[str], pairs: list[tuple[str, str]]) -> None:
-    """Write the (key, path) pairs of the images a job is planned to read, atomically, as JSON.
-
-    Mining reads its shard from this list rather than the folder, so an image that vanishes after
-    planning is met as unreadable (``file not found``) instead of silently dropped.
-    """
-    from maskdistill.storage import write_json
-
-    write_json(path, {"images": [{"key": key, "path": str(p)} for key, p in pairs]})
-
-
-def read_image_list(path: str | os.PathLike[str]) -> list[ImageRecord]:
-    """The records of a list written by :func:`write_image_list`."""
-    try:
-        return [ImageRecord(key=im["key"], path=Path(im["path"])) for im in read_json(path)["images"]]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not an image list written by maskdistill ({err!r})") from err
-
-
-def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[ImageRecord]:
-    """The records whose key mining did not skip (policy ``skip``: later stages ignore them too)."""
-    return [r for r in records if r.key not in skipped_keys]
-
-
-def _key_of(path: Path, base: Path) -> str:
-    return key_of_file(path.relative_to(base).as_posix())
-
-
-def _check_unique(records: list[ImageRecord], base: Path) -> None:
-    seen: dict[str, Path] = {}
-    for r in records:
-        if r.key in seen:
-            raise ValueError(f"two images share the key '{r.key}' under {base}: {seen[r.key]}, {r.path}")
-        seen[r.key] = r.path
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    """Stable shard index of an image key: adding images never moves existing ones."""
-    return zlib.crc32(key.encode("utf-8")) % num_shards
-
-
-def shard_records(records: list[ImageRecord], shard: int, num_shards: int) -> list[ImageRecord]:
-    """The records of one shard, in key order."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
-    return [r for r in records if shard_of(r.key, num_shards) == shard]
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
@@ -268,25 +149,3 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if ph == 0 and pw == 0:
         return x
     return torch.nn.functional.pad(x, (0, pw, 0, ph))
-
-
-DEMO_DIR = "demo"
-
-
-def resolve_splits(dataset_cfg: dict[str, Any], results_dir: str = "results") -> dict[str, dict]:
-    """Split name -> {images, annotations} for the configured source (the demo lives in results/)."""
-    if dataset_cfg["source"] == "demo":
-        root = Path(results_dir) / DEMO_DIR
-        return {
-            "train": {"images": str(root / "train" / "images"), "annotations": None},
-            "val": {"images": str(root / "val" / "images"),
-                    "annotations": str(root / "val" / "instances.json")},
-        }
-    if dataset_cfg["source"] in ("voc", "coco20k"):
-        from maskdistill.datasets import dataset_splits
-
-        return dataset_splits(dataset_cfg, results_dir)
-    splits = {"train": dict(dataset_cfg["train"])}
-    if dataset_cfg["val"].get("images"):
-        splits["val"] = dict(dataset_cfg["val"])
-    return splits

@@ -10,7 +10,7 @@ on the val split (the classifier predicts ground-truth classes: no matching).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from maskdistill.config import section_defaults
-from maskdistill.evaluation import confusion_matrix, miou_after_matching
 from maskdistill.images import ImageRecord, read_rgb
+from maskdistill.metrics import confusion_matrix, miou_after_matching
 from maskdistill.segmentation import SegmentationDataset, load_segmentation_model, predict_label_map
+from maskdistill.settings import CrfSettings, LinearProbeSettings, as_config
 from maskdistill.storage import IGNORE_LABEL, read_label_png
-from maskdistill.training import (
-    ProgressLog,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from maskdistill.training import Losses, TrainingRun, fit, load_model, save_model, seed_everything
 
 log = logging.getLogger("maskdistill")
 
@@ -80,80 +73,60 @@ def _check_labels(records: Sequence[ImageRecord], labels_dir: Path, split: str) 
 
 
 def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], labels_dir: Path,
-                       checkpoint_dir: Path, out_model: Path, cfg: Mapping[str, Any],
+                       checkpoint_dir: Path, out_model: Path, s: LinearProbeSettings, num_classes: int,
                        device: torch.device) -> None:
-    """Train the probe's classifier on ``labels_dir/<key>.png``; resumable per epoch."""
-    cfg = {**section_defaults("linear_probe"), **cfg}
-    num_classes = int(cfg["num_classes"])
-    labels_dir, checkpoint_dir = Path(labels_dir), Path(checkpoint_dir)
+    """Train the probe's classifier on ``labels_dir/<key>.png``; resumable per epoch.
+
+    Writes ``out_model``: the classifier's weights (``state_dict``), ``num_classes``, the
+    segmentation model it sits on and the settings (``cfg``).
+    """
+    labels_dir = Path(labels_dir)
     _check_labels(records, labels_dir, "train")
-    epochs, seed = int(cfg["epochs"]), int(cfg["seed"])
-    batch_size = min(int(cfg["batch_size"]), len(records))
-    seed_everything(seed)
+    batch_size = min(s.batch_size, len(records))
+    seed_everything(s.seed)
     probe = build_probe(segmentation_model, num_classes, device)
-    params = list(probe.classifier.parameters())
-    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-                                weight_decay=float(cfg["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[int(e) for e in cfg["lr_drop_epochs"]], gamma=0.1)
-    dataset = SegmentationDataset(records, labels_dir, int(cfg["crop_size"]), cfg["scale_range"],
-                                  0.0, seed)
-    start_epoch, step = 0, 0
-    last = checkpoint_dir / "last.pt"
-    if last.is_file():
-        state = load_checkpoint(last)
-        probe.classifier.load_state_dict(state["classifier"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = int(state["epoch"]), int(state["global_step"])
-        set_rng_state(state["rng"])
-        log.info("resuming linear probe from %s: %d/%d epochs done", last, start_epoch, epochs)
-    steps_per_epoch = -(-len(records) // batch_size)
-    progress = ProgressLog(epochs * steps_per_epoch, int(cfg["log_every"]), "linear_probe")
-    probe.train()
-    for epoch in range(start_epoch, epochs):
+    optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=s.lr, momentum=s.momentum,
+                                weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s.lr_drop_epochs),
+                                                     gamma=0.1)
+    dataset = SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range, 0.0, s.seed)
+
+    def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
-                            num_workers=int(cfg["num_workers"]))
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = probe(images)["out"]
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL)
-            if not torch.isfinite(loss):
-                if (labels == IGNORE_LABEL).all():
-                    continue  # a batch of ignored pixels only
-                raise FloatingPointError(f"linear probe loss is {loss.item()} at step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            progress.step(step, epoch + 1, {"loss": loss.item()}, optimizer.param_groups[0]["lr"])
-        scheduler.step()
-        save_checkpoint(last, {"classifier": probe.classifier.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "epoch": epoch + 1, "global_step": step, "rng": rng_state()})
-    save_checkpoint(out_model, {"classifier": {k: v.cpu() for k, v in probe.classifier.state_dict().items()},
-                                "segmentation_model": str(segmentation_model),
-                                "num_classes": num_classes, "cfg": dict(cfg), "epochs": epochs,
-                                "num_train_images": len(records)})
-    log.info("linear probe written to %s (%d steps)", out_model, step)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed + epoch))
+        return DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
+                          num_workers=s.num_workers)
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor], _step: int) -> Losses | None:
+        images, labels = (t.to(device) for t in batch)
+        if (labels == IGNORE_LABEL).all():
+            return None  # a batch of ignored pixels only: nothing to learn, no step
+        value = F.cross_entropy(probe(images)["out"], labels, ignore_index=IGNORE_LABEL)
+        return value, {"loss": value.item()}
+
+    # only the classifier is trained and checkpointed; the frozen model stays in eval mode
+    result = fit(TrainingRun(
+        name="linear_probe", model=probe.classifier, optimizer=optimizer, epochs=s.epochs,
+        steps_per_epoch=-(-len(records) // batch_size), batches=batches, loss=loss,
+        checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every, scheduler=scheduler))
+    save_model(out_model, probe.classifier.state_dict(), segmentation_model=str(segmentation_model),
+               num_classes=num_classes, cfg=as_config(s), epochs=s.epochs,
+               num_train_images=len(records))
+    log.info("linear probe written to %s (%d steps)", out_model, result.steps)
 
 
 def load_probe(probe_path: Path, segmentation_model: Path, device: torch.device) -> LinearProbe:
     """A trained probe (eval mode) from :func:`train_linear_probe`."""
-    state = load_checkpoint(probe_path)
-    if "classifier" not in state or "num_classes" not in state:
-        raise ValueError(f"{probe_path}: not a linear probe file")
-    probe = build_probe(segmentation_model, int(state["num_classes"]), device)
-    probe.classifier.load_state_dict(state["classifier"])
+    state = load_model(probe_path, "linear probe", "num_classes")
+    probe = build_probe(segmentation_model, state["num_classes"], device)
+    probe.classifier.load_state_dict(state["state_dict"])
     return probe.eval()
 
 
 @torch.no_grad()
 def evaluate_probe(probe: LinearProbe, records: list[ImageRecord], labels_dir: Path,
                    class_names: Sequence[str], device: torch.device, short_side: int | None = None,
-                   crf: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   crf: CrfSettings | None = None) -> dict[str, Any]:
     """Standard mIoU (0-100, no matching) of the probe on ``records``; with ``crf`` also after CRF.
 
     Returns miou_after_matching's fields plus ``miou_crf`` / ``per_class_crf`` (None without CRF).

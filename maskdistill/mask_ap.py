@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from maskdistill.evaluation import (
-    _annotations_by_image,
-    _paste_semantic,
+from maskdistill.ground_truth import (
+    annotations_by_image,
     category_labels,
-    confusion_matrix,
-    iou_matrix,
+    check_image_entries,
+    paste_semantic,
 )
+from maskdistill.metrics import confusion_matrix, hungarian, iou_matrix
 from maskdistill.storage import IGNORE_LABEL, box_iou, decode_segmentation, key_of_file, read_json
 
 log = logging.getLogger("maskdistill")
@@ -137,14 +136,14 @@ def cluster_class_confusion(gt: dict[str, Any], preds: list[dict[str, Any]], num
                             ) -> np.ndarray:
     """Pixel counts (K+1, C+1) of pasted predictions vs the GT semantic maps over the split."""
     to_label, names = category_labels(gt)
-    index = _annotations_by_image(gt)
+    index = annotations_by_image(gt)
     by_image: dict[int, list[dict[str, Any]]] = {}
     for p in preds:
         by_image.setdefault(p["image_id"], []).append(p)
     conf = np.zeros((num_clusters + 1, len(names)), dtype=np.int64)
     for im in gt["images"]:
         h, w = int(im["height"]), int(im["width"])
-        sem = _paste_semantic(index.get(int(im["id"]), []), to_label, h, w, str(im["file_name"]))
+        sem = paste_semantic(index.get(int(im["id"]), []), to_label, h, w, str(im["file_name"]))
         pred = _pasted(by_image.get(int(im["id"]), []), h, w)
         conf += confusion_matrix(pred, sem, num_clusters + 1, len(names), IGNORE_LABEL)
     return conf
@@ -158,8 +157,8 @@ def match_to_categories(conf: np.ndarray) -> np.ndarray:
     if k > c:
         mapping[1:] = score.argmax(axis=1) + 1
     else:
-        rows, cols = linear_sum_assignment(score, maximize=True)
-        mapping[rows + 1] = cols + 1
+        matched = hungarian(score)
+        mapping[1:] = np.where(matched >= 0, matched + 1, -1)
     return mapping
 
 
@@ -212,10 +211,7 @@ def mask_ap(gt_instances: Path, predictions: Path, setting: str = "multi") -> di
     gt = read_json(gt_instances)
     if not gt.get("images") or not gt.get("categories"):
         raise ValueError(f"{gt_instances}: a COCO instances file needs 'images' and 'categories'")
-    for im in gt["images"]:
-        for field in ("id", "file_name", "height", "width"):
-            if field not in im:
-                raise ValueError(f"{gt_instances}: image entry {im} lacks '{field}'")
+    check_image_entries(gt, gt_instances)
     preds = load_predictions(Path(predictions), gt)
     if setting == "single":
         gt, preds = select_single(gt, preds)

@@ -17,13 +17,9 @@ from sklearn.model_selection import cross_val_score
 
 from maskdistill.backbone import cls_features, last_block_qk, patch_size
 from maskdistill.clustering import crop_box, whiten
-from maskdistill.evaluation import (
-    coco_ground_truth,
-    confusion_matrix,
-    match_clusters,
-    miou_after_matching,
-)
+from maskdistill.ground_truth import coco_ground_truth
 from maskdistill.images import to_tensor
+from maskdistill.metrics import confusion_matrix, match_clusters, miou_after_matching
 from maskdistill.storage import (
     box_iou,
     decode_segmentation,

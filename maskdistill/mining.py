@@ -20,7 +20,6 @@ import torch
 from scipy import ndimage
 
 from maskdistill.backbone import create_vit, last_block_qk, patch_size
-from maskdistill.config import section_defaults
 from maskdistill.images import (
     BAD_IMAGE_POLICIES,
     ImageReadError,
@@ -30,6 +29,7 @@ from maskdistill.images import (
     resized_hw,
     to_tensor,
 )
+from maskdistill.settings import MiningSettings
 from maskdistill.storage import MaskShardWriter, MinedMask, SkippedImage, mask_to_box
 
 log = logging.getLogger("maskdistill")
@@ -171,8 +171,13 @@ def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Dec
         yield batch
 
 
-def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
-               device: torch.device, on_bad_image: str = "fail") -> dict[str, Any]:
+def mining_params(s: MiningSettings) -> MiningParams:
+    """The mask-construction rules of the ``mining`` settings."""
+    return MiningParams(s.cls_heads, s.mass, s.proposal_ratio, s.center_keys, s.seed_from)
+
+
+def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, device: torch.device,
+               on_bad_image: str = "fail") -> dict[str, Any]:
     """Mine every image of a shard into one HDF5 file; returns counts and timings.
 
     An image that cannot be decoded raises :class:`ImageReadError` naming it (``on_bad_image``
@@ -182,31 +187,23 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
                          f"{list(BAD_IMAGE_POLICIES)}")
-    cfg = {**section_defaults("mining"), **cfg}
-    bb = cfg["backbone"]
-    model = create_vit(bb["name"], bb.get("pretrained", False), bb.get("checkpoint")).to(device)
+    bb = s.backbone
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
     patch = patch_size(model)
-    params = MiningParams(cfg["cls_heads"], cfg["mass"], cfg["proposal_ratio"], cfg["center_keys"],
-                          cfg["seed_from"])
+    params = mining_params(s)
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    attrs = {"backbone": bb["name"], "checkpoint": str(bb.get("checkpoint") or ""),
-             "patch_size": patch, "short_side": cfg["short_side"], "num_records": len(records)}
+    attrs = {"backbone": bb.name, "checkpoint": str(bb.checkpoint or ""),
+             "patch_size": patch, "short_side": s.short_side, "num_records": len(records)}
     skipped: list[SkippedImage] = []
     start = time.perf_counter()
     done = 0
-    with ThreadPoolExecutor(max_workers=cfg["decode_threads"]) as pool, \
+    with ThreadPoolExecutor(max_workers=s.decode_threads) as pool, \
             MaskShardWriter(out_path, attrs) as writer:
-        ahead = 2 * max(cfg["batch_size"], cfg["decode_threads"])
-        decoded = _prefetch(pool, records, cfg["short_side"], patch, ahead)
-        for batch in _batches(decoded, cfg["batch_size"]):
+        ahead = 2 * max(s.batch_size, s.decode_threads)
+        decoded = _prefetch(pool, records, s.short_side, patch, ahead)
+        for batch in _batches(decoded, s.batch_size):
             if batch[0].tensor is None:
-                bad = batch[0]
-                if on_bad_image == "fail":
-                    raise ImageReadError(f"{bad.error} (set dataset.on_bad_image: skip to leave such "
-                                         "images out)")
-                log.warning("skipping %s", bad.error)
-                reason = (bad.error or "").removeprefix(f"{bad.record.path}: ")
-                skipped.append(SkippedImage(bad.record.key, str(bad.record.path), reason))
+                skipped.append(_skipped(batch[0], on_bad_image))
                 continue
             x = torch.stack([d.tensor for d in batch]).to(device)
             q, k = last_block_qk(model, x)
@@ -219,11 +216,32 @@ def mine_shard(records: list[ImageRecord], out_path: Path, cfg: dict[str, Any],
                                         box=mask_to_box(mask), patch_mask=pm.mask,
                                         cls_affinity=pm.cls_affinity, seed=pm.seed))
             done += len(batch)
-            if done % cfg["log_every"] < len(batch) or done + len(skipped) == len(records):
-                rate = (time.perf_counter() - start) / done
-                log.info("mined %d/%d images, %.3f s/img", done, len(records), rate)
+            if done % s.log_every < len(batch) or done + len(skipped) == len(records):
+                _log_progress(done, len(skipped), len(records), time.perf_counter() - start)
         writer.set_skipped(skipped)
     return {"images": done, "skipped": len(skipped), "seconds": time.perf_counter() - start}
+
+
+def _skipped(bad: _Decoded, on_bad_image: str) -> SkippedImage:
+    """The skipped entry of an image that failed to decode; raises under policy ``fail``."""
+    if on_bad_image == "fail":
+        raise ImageReadError(f"{bad.error} (set dataset.on_bad_image: skip to leave such images out)")
+    log.warning("skipping %s", bad.error)
+    reason = (bad.error or "").removeprefix(f"{bad.record.path}: ")
+    return SkippedImage(bad.record.key, str(bad.record.path), reason)
+
+
+def _log_progress(done: int, skipped: int, total: int, seconds: float) -> None:
+    """One log line: images mined so far, seconds per image and the time left."""
+    per_image = seconds / done
+    left = per_image * (total - done - skipped)
+    log.info("mined %d/%d images, %.3f s/img, ETA %s", done, total, per_image, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``H:MM:SS``."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def _file_name(record: ImageRecord) -> str:

@@ -1,52 +1,171 @@
-"""What the Snakefile needs at parse time: splits, stable shard contents, per-rule config."""
+"""The workflow's plan, as tested code: which stages run, on which images, with which files.
+
+:func:`make_plan` turns a validated config into a :class:`Plan` that the Snakefile reads (the rules
+hold no logic of their own): the splits and each one's planned images, the shards, the evaluated
+split and its ground truth, the label count, which optional stages run, the stages that
+``evaluate`` scores and the final targets. ``tests/test_plan.py`` checks it for every source.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskdistill.config import LOGS, RESULTS, fingerprint
-from maskdistill.images import file_problem, list_split, resolve_splits, shard_of
+import maskdistill
+from maskdistill.config import LOGS, RESULTS, check_references, fingerprint, validate_config
+from maskdistill.datasets import DatasetSource, dataset_source, shard_of
+from maskdistill.images import file_problem
+from maskdistill.settings import Settings, build
 
 # RESULTS and LOGS are the only folders the workflow writes, relative to its working directory.
 # Every rule's outputs and logs lie below them (checked when the Snakefile is parsed:
 # workflow_outputs_outside); the user's images, annotations, checkpoints and dataset trees are
 # read, never declared as outputs, and may not lie below them (config.check_references).
 _MAX_NAMED = 5  # unreadable images named in a planning error before "... and N more"
+PRETRAINED = f"{RESULTS}/pretrain/backbone.safetensors"
+INPUT_REPORT = f"{RESULTS}/input_report.json"
 
 
-def split_keys(config: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+@dataclass(frozen=True)
+class Plan:
+    """Everything the rules need to know, computed once when the Snakefile is parsed."""
+
+    config: dict[str, Any]  # validated, defaults filled, the pretrained ViT swapped in
+    settings: Settings
+    source: DatasetSource
+    splits: dict[str, list[tuple[str, str]]]  # split -> planned (key, image path)
+    shards: tuple[str, ...]
+    probe_labels: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def has_val(self) -> bool:
+        return "val" in self.splits
+
+    @property
+    def eval_split(self) -> str:
+        """The split that ``evaluate`` scores (val; COCO20k: its own train images)."""
+        return self.source.evaluation_split
+
+    @property
+    def gt_instances(self) -> str | None:
+        """The COCO instances file of the evaluated split (user's, the demo's, or one written for
+        VOC / COCO20k by rules/datasets.smk)."""
+        return self.source.gt_instances(self.eval_split)
+
+    @property
+    def gt_semantic(self) -> str | None:
+        """Ground-truth label PNGs of the evaluated split (VOC's SegmentationClass), else None."""
+        return self.source.gt_semantic(self.eval_split)
+
+    @property
+    def has_gt(self) -> bool:
+        return self.eval_split in self.splits and bool(self.gt_instances)
+
+    @property
+    def num_labels(self) -> int:
+        """Labels of every predicted label map: background plus the K-means centroids."""
+        return self.settings.num_labels
+
+    @property
+    def pretrained(self) -> str | None:
+        """The ViT weights the pretrain rule writes, when mining and clustering use them."""
+        return PRETRAINED if self.settings.pretrain.enabled else None
+
+    @property
+    def mask_ap(self) -> bool:
+        return self.settings.evaluation.mask_ap and self.has_gt
+
+    @property
+    def linear_probe(self) -> bool:
+        return self.settings.linear_probe.enabled and self.has_gt
+
+    @property
+    def diagnostics(self) -> bool:
+        return self.settings.evaluation.diagnostics and self.has_gt
+
+    @property
+    def crf_round(self) -> bool:
+        """The CRF self-training round (a second segmentation model on CRF-refined labels)."""
+        return self.settings.crf.self_training
+
+    @property
+    def final_segmentation(self) -> str:
+        """The segmentation stage evaluated last: the CRF round's when it runs."""
+        return "segmentation_crf" if self.crf_round else "segmentation"
+
+    @property
+    def eval_stages(self) -> dict[str, str]:
+        """Stage name -> folder of label PNGs of the evaluated split that ``evaluate`` scores."""
+        split = self.eval_split
+        stages = {"patch_kmeans": f"{RESULTS}/baselines/patch_kmeans/{split}"} if self.diagnostics else {}
+        stages |= {"initial_masks": f"{RESULTS}/initial_labels/{split}",
+                   "maskrcnn": f"{RESULTS}/pseudo_labels/{split}",
+                   "segmentation": f"{RESULTS}/segmentation/predictions/{split}"}
+        if self.crf_round:
+            stages["segmentation_crf"] = f"{RESULTS}/segmentation_crf/predictions/{split}"
+        if self.settings.evaluation.crf:
+            stages[f"{self.final_segmentation}+crf"] = f"{RESULTS}/{self.final_segmentation}/crf/{split}"
+        return stages
+
+    def shard_members(self, split: str, shard: str) -> list[tuple[str, str]]:
+        """The planned (key, path) pairs of one shard of ``split``."""
+        return shard_members(self.splits[split], shard, self.settings.dataset.num_shards)
+
+    def targets(self) -> list[str]:
+        """What ``snakemake`` makes by default: every split segmented, the input report and, with
+        ground truth, the metrics and the report."""
+        targets = [f"{RESULTS}/segmentation/predictions/{split}" for split in ("train", "val")
+                   if split in self.splits]
+        targets.append(INPUT_REPORT)
+        if self.has_gt:
+            targets += [f"{RESULTS}/metrics.json", f"{RESULTS}/report.md"]
+        return targets
+
+
+def make_plan(raw: dict[str, Any]) -> Plan:
+    """The plan of a config: validates it (defaults filled), checks that every file, folder and
+    model it names exists, lists every split's images and, with ``pretrain.enabled``, points mining
+    and clustering at the pretrained ViT. This is the one place the workflow checks its config.
+
+    Raises ``ConfigError`` naming every bad key, and ``ValueError`` / ``FileNotFoundError`` naming
+    missing data (see :func:`split_keys`).
+    """
+    config = validate_config(raw)
+    check_references(config)
+    if config["pretrain"]["enabled"]:
+        for section in ("mining", "clustering"):
+            config[section]["backbone"] = {"name": config["pretrain"]["arch"], "pretrained": False,
+                                           "checkpoint": PRETRAINED}
+    settings = build(Settings, config)
+    source = dataset_source(settings.dataset)
+    splits = split_keys(source)
+    shards = tuple(f"{i:03d}" for i in range(settings.dataset.num_shards))
+    plan = Plan(config, settings, source, splits, shards)
+    labels = {split: getattr(settings.linear_probe, f"{split}_labels") or source.probe_labels(split)
+              for split in ("train", plan.eval_split)}
+    if plan.linear_probe and not all(labels.values()):
+        raise ValueError("config key 'linear_probe.train_labels' / 'linear_probe.val_labels': set the "
+                         "folders of ground-truth label PNGs for the linear probe")
+    return Plan(config, settings, source, splits, shards, labels)
+
+
+def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
     """Split -> sorted (key, image path) pairs, known before any rule runs.
 
     Under ``dataset.on_bad_image: fail`` a listed image that the planner can already see is
     unreadable (a dangling link, a vanished or empty file) stops planning with an error naming it;
     under ``skip`` it stays listed, and mining skips it and names it in the input report.
     """
-    ds = config["dataset"]
-    splits = resolve_splits(ds, RESULTS)
-    if ds["source"] == "demo":
-        from maskdistill.demo import demo_image_keys
-
-        return {s: [(k, str(Path(splits[s]["images"]) / f"{k}.png"))
-                    for k in demo_image_keys(ds["demo"], s)] for s in splits}
     out = {}
-    for split, spec in splits.items():
-        records = list_split(spec)
-        if not records:
-            raise ValueError(f"config key 'dataset.{split}.images': no images found in {spec['images']}")
-        out[split] = [(r.key, str(r.path)) for r in records]
-        if ds["on_bad_image"] == "fail":
-            _refuse_unreadable(out[split], _images_key(ds["source"], split))
+    for split in source.splits:
+        out[split] = source.planned(split)
+        if source.dataset.source != "demo" and source.dataset.on_bad_image == "fail":
+            _refuse_unreadable(out[split], source.images_key(split))
     return out
-
-
-def _images_key(source: str, split: str) -> str:
-    """The config key that names where a split's images are."""
-    return {"voc": "dataset.voc.root", "coco20k": "dataset.coco20k.images"}.get(
-        source, f"dataset.{split}.images")
 
 
 def _refuse_unreadable(pairs: list[tuple[str, str]], key: str) -> None:
@@ -108,11 +227,6 @@ def workflow_outputs_outside(files: list[tuple[str, str]]) -> list[str]:
     return [f"rule {rule}: {path}" for rule, path in files if not owned_by_workflow(path)]
 
 
-def shard_ids(config: dict[str, Any]) -> list[str]:
-    """Shard names: stable zero-padded indices."""
-    return [f"{i:03d}" for i in range(config["dataset"]["num_shards"])]
-
-
 def shard_members(keys: list[tuple[str, str]], shard: str, num_shards: int) -> list[tuple[str, str]]:
     """The (key, path) pairs that fall into ``shard``."""
     return [kp for kp in keys if shard_of(kp[0], num_shards) == int(shard)]
@@ -143,7 +257,8 @@ def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
 
 
 def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = ()) -> str:
-    """The config sections a rule depends on, as compact JSON (its params, compared on reruns).
+    """The config sections a rule depends on, as compact JSON (its params, compared on reruns),
+    with the package version (the command line checks it against its own).
 
     ``only`` narrows every named section to those keys, so that, for example, a K-means setting
     does not rerun the feature extraction that shares the ``clustering`` section. Keys of
@@ -154,4 +269,5 @@ def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = 
     for name in sections:
         if only:
             picked[name] = {k: v for k, v in picked[name].items() if k in only}
+    picked["version"] = maskdistill.__version__  # a new version reruns what it touches
     return json.dumps(_without_later_keys(picked), sort_keys=True)

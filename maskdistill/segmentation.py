@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,17 +19,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from maskdistill.backbone import load_resnet_weights
-from maskdistill.config import section_defaults
 from maskdistill.images import ImageRecord, read_rgb, resized_hw, to_tensor
+from maskdistill.settings import SegmentationSettings, as_config, stored_settings
 from maskdistill.storage import IGNORE_LABEL, read_label_png, write_label_png
-from maskdistill.training import (
-    ProgressLog,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from maskdistill.training import Losses, TrainingRun, fit, load_model, save_model, seed_everything
 
 log = logging.getLogger("maskdistill")
 
@@ -134,11 +126,10 @@ def build_deeplabv3(arch: str, num_classes: int, output_stride: int = 8,
     return FrozenStagesDeepLabV3(backbone, head, frozen)
 
 
-def _model_from_cfg(cfg: dict[str, Any], num_classes: int, load_pretrained: bool) -> nn.Module:
-    cfg = {**section_defaults("segmentation"), **cfg}
-    return build_deeplabv3(
-        cfg["arch"], num_classes, cfg["output_stride"], cfg["atrous_rates"],
-        cfg["pretrained_backbone"] if load_pretrained else None, cfg["frozen_stages"])
+def model_from_settings(s: SegmentationSettings, num_classes: int, load_pretrained: bool) -> nn.Module:
+    """The configured DeepLab-v3; its pretrained backbone weights are loaded when ``load_pretrained``."""
+    return build_deeplabv3(s.arch, num_classes, s.output_stride, s.atrous_rates,
+                           s.pretrained_backbone if load_pretrained else None, s.frozen_stages)
 
 
 # ---------------------------------------------------------------- data
@@ -161,14 +152,15 @@ class SegmentationDataset(Dataset):
                  seed: int = 0):
         self.records = list(records)
         self.labels_dir = Path(labels_dir)
-        self.crop = int(crop_size)
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        self.rotation = float(rotation_degrees)
-        self.seed = int(seed)
+        self.crop = crop_size
+        self.scale_range = (scale_range[0], scale_range[1])
+        self.rotation = rotation_degrees
+        self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Draw the augmentations of ``epoch`` from now on."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -233,79 +225,47 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_dir: Path,
-                       out_model: Path, cfg: dict[str, Any], device: torch.device) -> None:
-    """Train DeepLab-v3 on ``{labels_dir}/{key}.png``; resumable from ``checkpoint_dir/last.pt``."""
-    labels_dir, checkpoint_dir = Path(labels_dir), Path(checkpoint_dir)
-    cfg = {**section_defaults("segmentation"), **cfg}
+                       out_model: Path, s: SegmentationSettings, num_classes: int,
+                       device: torch.device) -> None:
+    """Train DeepLab-v3 on ``{labels_dir}/{key}.png``; resumable from ``checkpoint_dir/last.pt``.
+
+    Writes ``out_model`` with the weights, ``num_classes`` and the settings (``cfg``).
+    """
+    labels_dir = Path(labels_dir)
     _check_labels(records, labels_dir)
-    num_classes = int(cfg["num_classes"])
-    epochs = int(cfg["epochs"])
-    batch_size = int(cfg["batch_size"])
-    seed = int(cfg["seed"])
-    fraction = float(cfg["hard_pixel_fraction"])
-    batch_size = min(batch_size, len(records))
+    batch_size = min(s.batch_size, len(records))
     if batch_size < 2:
         raise ValueError("segmentation training needs batches of at least 2 images (BatchNorm in "
-                         f"the ASPP pooling branch); batch_size={cfg.get('batch_size')}, "
+                         f"the ASPP pooling branch); batch_size={s.batch_size}, "
                          f"{len(records)} training images")
-
-    seed_everything(seed)
-    model = _model_from_cfg(cfg, num_classes, load_pretrained=True).to(device)
+    seed_everything(s.seed)
+    model = model_from_settings(s, num_classes, load_pretrained=True).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-                                weight_decay=float(cfg["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[int(e) for e in cfg["lr_drop_epochs"]], gamma=0.1)
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s.lr_drop_epochs),
+                                                     gamma=0.1)
+    dataset = SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range,
+                                  s.rotation_degrees, s.seed)
 
-    dataset = SegmentationDataset(records, labels_dir, int(cfg["crop_size"]), cfg["scale_range"],
-                                  float(cfg["rotation_degrees"]), seed)
-    steps_per_epoch = len(records) // batch_size  # drop_last: BatchNorm needs full batches
-    start_epoch, global_step = 0, 0
-    last = checkpoint_dir / "last.pt"
-    if last.is_file():
-        state = load_checkpoint(last, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
-        set_rng_state(state["rng"])
-        log.info("resuming segmentation training from %s: %d/%d epochs done, step %d", last,
-                 start_epoch, epochs, global_step)
-    else:
-        log.info("segmentation training from scratch: %d images, %d epochs x %d steps",
-                 len(records), epochs, steps_per_epoch)
-
-    progress = ProgressLog(epochs * steps_per_epoch, int(cfg["log_every"]), "segmentation")
-    num_workers = int(cfg["num_workers"])
-    model.train()
-    for epoch in range(start_epoch, epochs):
+    def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=batch_size,
-                            sampler=_epoch_order(len(dataset), seed, epoch),
-                            num_workers=num_workers, drop_last=True,
-                            pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(seed + epoch))
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            logits = model(images)["out"]
-            loss = hard_pixel_cross_entropy(logits, labels, fraction)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"segmentation loss is {loss.item()} at step {global_step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            lr = optimizer.param_groups[0]["lr"]
-            progress.step(global_step, epoch + 1, {"loss": loss.item()}, lr)
-        scheduler.step()
-        save_checkpoint(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                               "global_step": global_step, "rng": rng_state()})
-    save_checkpoint(out_model, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                                "cfg": dict(cfg), "num_classes": num_classes})
-    log.info("segmentation model written to %s (%d steps)", out_model, global_step)
+        return DataLoader(dataset, batch_size=batch_size, sampler=_epoch_order(len(dataset), s.seed, epoch),
+                          num_workers=s.num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                          generator=torch.Generator().manual_seed(s.seed + epoch))
+
+    def loss(batch: tuple[Tensor, Tensor], _step: int) -> Losses:
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        value = hard_pixel_cross_entropy(model(images)["out"], labels, s.hard_pixel_fraction)
+        return value, {"loss": value.item()}
+
+    log.info("segmentation: %d training images, batches of %d", len(records), batch_size)
+    result = fit(TrainingRun(
+        name="segmentation", model=model, optimizer=optimizer, epochs=s.epochs,
+        steps_per_epoch=len(records) // batch_size,  # drop_last: BatchNorm needs full batches
+        batches=batches, loss=loss, checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every,
+        scheduler=scheduler))
+    save_model(out_model, model.state_dict(), cfg=as_config(s), num_classes=num_classes)
+    log.info("segmentation model written to %s (%d steps)", out_model, result.steps)
 
 
 # ---------------------------------------------------------------- prediction
@@ -313,11 +273,10 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
 
 def load_segmentation_model(model_path: Path, device: torch.device) -> tuple[nn.Module, int]:
     """A trained model (eval mode) and its number of classes from :func:`train_segmentation`."""
-    state = load_checkpoint(model_path, map_location="cpu")
-    if "state_dict" not in state or "cfg" not in state:
-        raise ValueError(f"{model_path}: not a segmentation model file")
-    num_classes = int(state["num_classes"])
-    model = _model_from_cfg(state["cfg"], num_classes, load_pretrained=False)
+    state = load_model(model_path, "segmentation model", "cfg", "num_classes")
+    num_classes = state["num_classes"]
+    settings = stored_settings("segmentation", state["cfg"])
+    model = model_from_settings(settings, num_classes, load_pretrained=False)
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), num_classes
 
@@ -336,16 +295,13 @@ def predict_label_map(model: nn.Module, rgb: np.ndarray, device: torch.device,
 
 
 def predict_segmentation(model_path: Path, records: list[ImageRecord], out_dir: Path,
-                         cfg: dict[str, Any], device: torch.device, *, resume: bool = False,
-                         log_every: int = 50) -> None:
-    """Write ``{out_dir}/{key}.png`` label maps; with ``resume`` skip images already written."""
-    model, num_classes = load_segmentation_model(Path(model_path), device)
-    if cfg.get("num_classes") not in (None, num_classes):
-        log.warning("config says %s classes but %s holds %d; using the model's", cfg["num_classes"],
-                    model_path, num_classes)
+                         device: torch.device, short_side: int | None = None, *,
+                         resume: bool = False, log_every: int = 50) -> None:
+    """Write ``{out_dir}/{key}.png`` label maps, predicted with the shorter image side at
+    ``short_side`` (None: the original size); with ``resume`` skip images already written."""
+    model, _ = load_segmentation_model(Path(model_path), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    short_side = cfg.get("test_short_side")
     done = skipped = 0
     n = len(records)
     for i, rec in enumerate(records, 1):

@@ -1,20 +1,36 @@
-"""Shared training plumbing: device choice, seeding, resumable checkpoints, progress lines."""
+"""The training engine and its plumbing: device choice, seeding, resumable checkpoints, progress.
+
+:func:`fit` runs every training job of the package (detector, segmentation model, linear probe,
+DINO pretraining): a stage describes its job as a :class:`TrainingRun` (model, optimiser, the
+batches of each epoch and a loss function) and :func:`fit` resumes from the last checkpoint, steps
+the optimiser and the learning-rate schedule, stops on a non-finite loss, logs progress with a rate
+and an ETA, and writes a checkpoint at the end of each epoch (RNG states included, so a resumed run
+ends with the same weights as an uninterrupted one). :func:`save_model` writes the final model.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from maskdistill.storage import CorruptFileError, atomic_path
 
 log = logging.getLogger("maskdistill")
+T = TypeVar("T")
+LAST_CHECKPOINT = "last.pt"
+# The layout of what fit() stores in last.pt; a checkpoint folder of another layout starts afresh.
+CHECKPOINT_FORMAT = 2
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,15 +59,41 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"):
     """Load a checkpoint saved by :func:`save_checkpoint`, with a clear error when it is damaged."""
+    state = _torch_load(Path(path), map_location)
+    if not state.get("checkpoint_complete"):
+        raise CorruptFileError(f"{path}: not a complete maskdistill checkpoint")
+    return state
+
+
+def save_model(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], **info: Any) -> None:
+    """Write a trained model: its weights (on the CPU) and what is needed to rebuild it, atomically."""
+    save_checkpoint(path, {"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **info})
+
+
+def load_model(path: str | os.PathLike[str], what: str, *required: str) -> dict[str, Any]:
+    """A model file written by :func:`save_model`; ``required`` keys must be in it.
+
+    Model files of earlier versions (written without the completeness flag) are accepted.
+    """
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    state = _torch_load(p, "cpu")
+    missing = [k for k in ("state_dict", *required) if k not in state]
+    if missing:
+        raise ValueError(f"{p}: not a {what} file (no {', '.join(missing)})")
+    return state
+
+
+def _torch_load(p: Path, map_location: str | torch.device) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     try:
         state = torch.load(p, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for truncated files
         raise CorruptFileError(f"{p}: unreadable checkpoint ({err}); delete it and rerun") from err
-    if not isinstance(state, dict) or not state.get("checkpoint_complete"):
-        raise CorruptFileError(f"{p}: not a complete maskdistill checkpoint")
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{p}: not a maskdistill checkpoint")
     return state
 
 
@@ -116,7 +158,7 @@ def prepare_checkpoint_dir(path: Path, identity: Any) -> Path:
 
     from maskdistill.config import fingerprint
 
-    stamp = fingerprint(json.loads(json.dumps(identity, default=str)))
+    stamp = fingerprint(json.loads(json.dumps([CHECKPOINT_FORMAT, identity], default=str)))
     marker = path / "RUN_ID"
     if path.exists() and not marker.is_file() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path}: not a maskdistill checkpoint folder (no RUN_ID marker) and not "
@@ -127,3 +169,150 @@ def prepare_checkpoint_dir(path: Path, identity: Any) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     marker.write_text(stamp + "\n")
     return path
+
+
+# ---------------------------------------------------------------- the training engine
+
+
+Losses = tuple[torch.Tensor, dict[str, float]]
+
+
+@dataclass
+class TrainingRun:
+    """One training job, as a stage describes it to :func:`fit`.
+
+    ``batches(epoch)`` yields the batches of an epoch; ``loss(batch, step)`` returns the loss to
+    minimise and the values to log, or None to pass over a batch without a step (``step`` counts
+    from 0 over the whole run). The hooks are optional: ``before_step`` sets per-step schedules,
+    ``before_update`` edits gradients (after backward, before the optimiser), ``after_step`` runs
+    after the optimiser (an EMA teacher, say) and ``after_epoch`` sees the epoch's logged values.
+    ``state`` names more objects with a ``state_dict`` to checkpoint, ``extra`` is plain data kept
+    across a resume, and ``meta`` is stored and must match when a checkpoint is resumed.
+    """
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    steps_per_epoch: int
+    batches: Callable[[int], Iterable[Any]]
+    loss: Callable[[Any, int], Losses | None]
+    checkpoint_dir: Path
+    log_every: int = 20
+    scheduler: Any = None
+    scheduler_interval: Literal["step", "epoch"] = "epoch"
+    checkpoint_every: int = 1
+    state: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    before_step: Callable[[int, int], None] | None = None
+    before_update: Callable[[int, int], None] | None = None
+    after_step: Callable[[int, int], None] | None = None
+    after_epoch: Callable[[int, list[dict[str, float]]], None] | None = None
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` did: the step count of the whole run and the values logged by this call."""
+
+    steps: int
+    history: list[dict[str, float]]
+
+
+def fit(run: TrainingRun) -> FitResult:
+    """Train as ``run`` describes, resuming from ``run.checkpoint_dir/last.pt`` when it exists."""
+    last = Path(run.checkpoint_dir) / LAST_CHECKPOINT
+    start_epoch, step = _resume(run, last) if last.is_file() else (0, 0)
+    if start_epoch == 0:
+        log.info("%s: training from scratch, %d epochs of %d steps", run.name, run.epochs,
+                 run.steps_per_epoch)
+    progress = ProgressLog(run.epochs * run.steps_per_epoch, run.log_every, run.name)
+    history: list[dict[str, float]] = []
+    for epoch in range(start_epoch, run.epochs):
+        run.model.train()
+        logged: list[dict[str, float]] = []
+        for batch in run.batches(epoch):
+            if run.before_step:
+                run.before_step(step, epoch)
+            losses = run.loss(batch, step)
+            if losses is None:
+                continue
+            total, values = losses
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"{run.name}: non-finite loss at step {step + 1} ({values})"
+                                         f"{run.hint}")
+            run.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if run.before_update:
+                run.before_update(step, epoch)
+            run.optimizer.step()
+            if run.after_step:
+                run.after_step(step, epoch)
+            if run.scheduler is not None and run.scheduler_interval == "step":
+                run.scheduler.step()
+            step += 1
+            logged.append(values)
+            progress.step(step, epoch + 1, values, run.optimizer.param_groups[0]["lr"])
+        if run.scheduler is not None and run.scheduler_interval == "epoch":
+            run.scheduler.step()
+        if run.after_epoch:
+            run.after_epoch(epoch, logged)
+        history += logged
+        if (epoch + 1) % run.checkpoint_every == 0 or epoch + 1 == run.epochs:
+            save_checkpoint(last, _training_state(run, epoch + 1, step))
+    return FitResult(steps=step, history=history)
+
+
+def _training_state(run: TrainingRun, epoch: int, step: int) -> dict[str, Any]:
+    state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "rng": rng_state(),
+             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "state": {k: v.state_dict() for k, v in run.state.items()},
+             "extra": run.extra, "meta": run.meta}
+    if run.scheduler is not None:
+        state["scheduler"] = run.scheduler.state_dict()
+    return state
+
+
+def _resume(run: TrainingRun, last: Path) -> tuple[int, int]:
+    """Load ``last`` into ``run``; return the epoch and step it reached."""
+    state = load_checkpoint(last, map_location="cpu")  # RNG states must stay on the CPU
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptFileError(f"{last}: checkpoint of another format; delete it and rerun")
+    for key, value in run.meta.items():
+        if state["meta"].get(key) != value:
+            raise ValueError(f"{last}: checkpoint has {key}={state['meta'].get(key)}, this run "
+                             f"{value}; delete it and rerun")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    for key, obj in run.state.items():
+        obj.load_state_dict(state["state"][key])
+    run.extra.update(state["extra"])
+    set_rng_state(state["rng"])
+    epoch, step = int(state["epoch"]), int(state["step"])
+    log.info("resuming %s training: resumed from %s at epoch %d/%d (step %d)", run.name, last, epoch,
+             run.epochs, step)
+    return epoch, step
+
+
+# ---------------------------------------------------------------- progress of long loops
+
+
+class _LogLines(io.StringIO):
+    """A file for tqdm that turns each refresh into one log line (logs have no carriage returns)."""
+
+    def write(self, text: str) -> int:
+        line = text.strip("\r\n ")
+        if line:
+            log.info("%s", line)
+        return len(text)
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "img") -> Iterator[T]:
+    """``items`` with a progress line in the log (count, rate and ETA) about every 30 seconds."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, unit=unit, file=_LogLines(), mininterval=30,
+                    maxinterval=300, ascii=True, dynamic_ncols=False, ncols=100)

@@ -12,7 +12,8 @@ from typing import Any
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskdistill.images import ImageReadError, list_image_folder
+from maskdistill.datasets import list_image_folder
+from maskdistill.images import ImageReadError
 from maskdistill.storage import write_json
 
 log = logging.getLogger("maskdistill")

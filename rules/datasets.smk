@@ -1,38 +1,30 @@
 # Ground truth of the benchmark datasets as COCO instances files (for evaluation and mask AP).
 # Only used when dataset.source is voc or coco20k; no stage of the method reads these files.
 
-VOC = config["dataset"]["voc"]
-COCO20K = config["dataset"]["coco20k"]
+VOC = SETTINGS.dataset.voc
+COCO20K = SETTINGS.dataset.coco20k
 
 
 rule voc_instances:
     input:
-        f"{VOC['root']}/ImageSets/Segmentation/{VOC['val_split']}.txt" if VOC["root"] else [],
+        f"{VOC.root}/ImageSets/Segmentation/{VOC.val_split}.txt" if VOC.root else [],
     output:
-        voc_gt_path(VOC, RESULTS),
+        f"{RESULTS}/gt/voc_{VOC.val_split}.json",
     params:
-        root=lambda wc, input: os.path.dirname(os.path.dirname(os.path.dirname(input[0]))),
-        split=VOC["val_split"],
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        root=VOC.root,
+        split=VOC.val_split,
     log:
         "logs/voc_instances.log",
     shell:
-        "maskdistill voc-instances --root {params.root:q} --split {params.split}"
-        " --out {output} > {log} 2>&1"
+        "maskdistill voc-instances --root {params.root:q} --split {params.split} --out {output} > {log} 2>&1"
 
 
 rule coco20k_instances:
     input:
-        annotations=COCO20K["annotations"] or [],
-        filenames=COCO20K["filenames"] or [],
+        annotations=COCO20K.annotations or [],
+        filenames=COCO20K.filenames or [],
     output:
-        coco20k_gt_path(RESULTS),
-    params:
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        f"{RESULTS}/gt/coco20k.json",
     log:
         "logs/coco20k_instances.log",
     shell:

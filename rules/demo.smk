@@ -1,7 +1,7 @@
 # The embedded demo: deterministic synthetic scenes with ground truth (no download needed). The
 # rule exists only for dataset.source: demo, and writes only below results/demo.
 
-if config["dataset"]["source"] == "demo":
+if DEMO:
 
     rule make_demo:
         output:
@@ -11,9 +11,6 @@ if config["dataset"]["source"] == "demo":
         params:
             cfg=cfg(),
             out=lambda wc, output: os.path.dirname(os.path.dirname(output.val_gt)),
-            version=VERSION,
-        conda:
-            "../envs/maskdistill.yaml"
         log:
             "logs/make_demo.log",
         shell:

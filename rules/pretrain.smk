@@ -6,14 +6,11 @@ rule pretrain:
         demo_outputs(),
         images=image_inputs(SPLITS["train"]),
     output:
-        PRETRAINED,
+        f"{RESULTS}/pretrain/backbone.safetensors",
     params:
         **user_images_params("train"),
         cfg=cfg("pretrain"),
         checkpoints=f"{RESULTS}/pretrain/checkpoints",
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
     log:
         "logs/pretrain.log",
     threads: 2

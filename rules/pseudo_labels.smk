@@ -1,5 +1,5 @@
 # Stage 3: confident Mask R-CNN masks (score >= tau, at least the best) pasted into label PNGs.
-# The initial mined masks of the val split are pasted the same way, for evaluation.
+# The initial mined masks are pasted the same way (every mask), for evaluation.
 
 
 rule pseudo_labels:
@@ -8,14 +8,11 @@ rule pseudo_labels:
     output:
         directory(f"{RESULTS}/pseudo_labels/{{split}}"),
     params:
-        tau=config["pseudo_labels"]["tau"],
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        cfg=cfg("pseudo_labels"),
     log:
         "logs/pseudo_labels/{split}.log",
     shell:
-        "maskdistill paste --instances {input} --tau {params.tau} --out {output} > {log} 2>&1"
+        "maskdistill pseudo-labels --config {params.cfg:q} --instances {input} --out {output} > {log} 2>&1"
 
 
 rule initial_labels:
@@ -24,10 +21,9 @@ rule initial_labels:
     output:
         directory(f"{RESULTS}/initial_labels/{{split}}"),
     params:
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        cfg=cfg(),
     log:
         "logs/initial_labels/{split}.log",
     shell:
-        "maskdistill paste --instances {input} --tau 0 --out {output} > {log} 2>&1"
+        "maskdistill pseudo-labels --config {params.cfg:q} --all --instances {input} --out {output}"
+        " > {log} 2>&1"

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from maskdistill.backbone import DEMO_VIT, create_vit
-from maskdistill.config import section_defaults
 from maskdistill.demo import draw_scene
 from maskdistill.mask_quality import cls_attention_on_objects, scene_category_separability
+from maskdistill.settings import section_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,10 +48,10 @@ def main() -> None:
     missing = [str(w) for w in a.weights if not w.is_file()]
     if missing:
         ap.error(f"weights not found: {', '.join(missing)}")
-    demo = {**section_defaults("dataset")["demo"], **yaml.safe_load(a.config.read_text())["dataset"]["demo"]}
-    num_val = int(demo["num_val"])
-    demo["num_val"] = max(num_val, a.categories)  # val-split scenes past num_val: never trained on
-    scenes = [draw_scene(demo, "val", i) for i in range(demo["num_val"])]
+    demo = section_settings("dataset", {"demo": yaml.safe_load(a.config.read_text())["dataset"]["demo"]}).demo
+    num_val = demo.num_val
+    demo = replace(demo, num_val=max(num_val, a.categories))  # val-split scenes past num_val: not trained on
+    scenes = [draw_scene(demo, "val", i) for i in range(demo.num_val)]
     images, fgs = [s[0] for s in scenes[:num_val]], [s[1] > 0 for s in scenes[:num_val]]
     cat_scenes = scenes[:a.categories]
     rows = []

@@ -24,15 +24,16 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from maskdistill.backbone import create_vit
-from maskdistill.config import validate_config
 from maskdistill.demo import draw_scene
 from maskdistill.mask_quality import scene_category_separability
+from maskdistill.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("patch_kmeans", "initial_masks", "maskrcnn", "segmentation")
@@ -108,12 +109,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def backbone_semantics(cfg: dict[str, Any], scenes: int) -> dict[str, float]:
     """Category separability of the clustering backbone of ``cfg`` on ``scenes`` val-split scenes."""
-    full = validate_config(cfg)
-    demo = {**full["dataset"]["demo"], "num_val": max(int(full["dataset"]["demo"]["num_val"]), scenes)}
-    bb = full["clustering"]["backbone"]
-    vit = create_vit(bb["name"], bb["pretrained"], bb["checkpoint"])
+    s = load_settings(cfg)
+    demo = replace(s.dataset.demo, num_val=max(s.dataset.demo.num_val, scenes))
+    bb = s.clustering.backbone
+    vit = create_vit(bb.name, bb.pretrained, bb.checkpoint)
     out = scene_category_separability(vit, [draw_scene(demo, "val", i) for i in range(scenes)],
-                                      int(full["clustering"]["crop_size"]))
+                                      s.clustering.crop_size)
     return {"category_kmeans_nmi": out["kmeans_nmi"], "category_linear_accuracy": out["linear_accuracy"]}
 
 

@@ -1,11 +1,22 @@
-"""ViT construction and checkpoint loading (DINO layouts, safetensors), q/k extraction."""
+"""ViT construction and checkpoint loading (DINO layouts, safetensors), q/k extraction; the shipped
+demo ViT (DINO on the demo scenes): it attends to objects, and carries its recipe."""
+
+from __future__ import annotations
+
+import json
 
 import pytest
 import timm
 import torch
+import yaml
+from conftest import REPO
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from maskdistill.backbone import check_vit_name, create_vit, last_block_qk, load_resnet_weights
+from maskdistill.backbone import DEMO_WEIGHTS, check_vit_name, create_vit, last_block_qk, load_resnet_weights
+from maskdistill.demo import draw_scene
+from maskdistill.mask_quality import cls_attention_on_objects
+from maskdistill.settings import load_settings
 
 
 def _reference():
@@ -72,3 +83,46 @@ def test_resnet_weights_from_moco_v3_layout(tmp_path):
     dst = torchvision.models.resnet18(weights=None)
     load_resnet_weights(dst, tmp_path / "moco.pth.tar")
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
+
+
+# ---------------------------------------------------------------- the shipped demo ViT
+
+DEMO_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def val_scenes():
+    demo = load_settings(DEMO_CONFIG).dataset.demo
+    scenes = [draw_scene(demo, "val", i) for i in range(demo.num_val)]
+    return [s[0] for s in scenes], [s[1] > 0 for s in scenes]
+
+
+def test_demo_config_mines_and_clusters_with_the_shipped_weights():
+    for section in ("mining", "clustering"):
+        assert DEMO_CONFIG[section]["backbone"] == {"name": "vit_demo_patch8_128.dino_demo",
+                                                    "pretrained": True, "checkpoint": None}
+    assert DEMO_WEIGHTS.is_file() and DEMO_WEIGHTS.stat().st_size <= 15 * 2**20
+
+
+def test_shipped_weights_record_the_config_that_reproduces_them():
+    with safe_open(str(DEMO_WEIGHTS), "pt") as f:
+        recipe = json.loads(f.metadata()["pretrain_config"])
+        data = json.loads(f.metadata()["data_recipe"])
+    for key, value in DEMO_CONFIG["pretrain"].items():
+        if key != "enabled":
+            assert recipe[key] == value, key
+    # drawn by the demo generator with the demo's own settings (background included)
+    assert data == {"demo": DEMO_CONFIG["dataset"]["demo"],
+                    "demo_scenes": DEMO_CONFIG["pretrain"]["demo_scenes"]}
+
+
+def test_shipped_vit_attends_to_objects_and_a_random_one_does_not(val_scenes):
+    images, foregrounds = val_scenes
+    trained = cls_attention_on_objects(create_vit("vit_demo_patch8_128.dino_demo", pretrained=True),
+                                       images, foregrounds)
+    random = cls_attention_on_objects(create_vit("vit_demo_patch8_128"), images, foregrounds)
+    assert abs(random["share"] - random["area"]) < 3.0
+    # the heads mining averages (mining.cls_heads of the demo config) look at objects 2.5x their area
+    heads = DEMO_CONFIG["mining"]["cls_heads"]
+    mined_heads = trained["share_per_head"][:heads]
+    assert sum(mined_heads) / len(mined_heads) > 2.5 * trained["area"]

@@ -1,13 +1,17 @@
 """Stage 1b: box crops, whitening, seeded K-means over all shards, COCO export."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
 from maskdistill.clustering import assign_clusters, coco_from_masks, crop_box, fit_kmeans, whiten
+from maskdistill.settings import section_settings
 from maskdistill.storage import MinedMask, decode_segmentation
 
-CFG = {"num_clusters": 3, "overclustering": 1, "kmeans_batch_size": 1000, "n_init": 3, "seed": 0}
+CFG = section_settings("clustering", {"num_clusters": 3, "overclustering": 1, "kmeans_batch_size": 1000,
+                                      "n_init": 3, "seed": 0})
 
 
 def test_crop_box_cuts_the_box_region():
@@ -45,7 +49,7 @@ def test_kmeans_recovers_separated_groups_and_is_seeded():
 
 def test_overclustering_multiplies_the_centroids():
     x, _ = _blobs()
-    assert len(fit_kmeans(x, {**CFG, "overclustering": 2})["centroids"]) == 6
+    assert len(fit_kmeans(x, replace(CFG, overclustering=2))["centroids"]) == 6
 
 
 def test_too_few_masks_names_the_key():

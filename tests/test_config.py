@@ -1,19 +1,15 @@
 """Configuration: schema errors name the key; defaults; the conda env matches pyproject."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, TINY, snakemake, write_config
 
 from maskdistill.config import ConfigError, validate_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -125,23 +121,16 @@ def test_image_folders_and_annotation_files_must_exist_and_hold_images(tmp_path)
 
 
 def _dry_run(tmp_path: Path, cfg: dict):
-    base = json.loads(json.dumps(TINY_DEMO))
+    base = json.loads(json.dumps(TINY))
     for section, values in cfg.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n",
-                           "--cores", "1"], capture_output=True, text=True, env=env, timeout=600)
+    write_config(tmp_path, base)
+    proc = snakemake(tmp_path, "-n", check=False, cores=1)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text
     assert "job count" not in text  # nothing planned, nothing run
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
     return text
-
-
-TINY_DEMO = {"device": "cpu", "mining": {"backbone": {"name": "vit_tiny_patch16_224"}},
-             "clustering": {"backbone": {"name": "vit_tiny_patch16_224"}}}
 
 
 def test_workflow_stops_before_any_job_naming_each_invalid_value(tmp_path):

@@ -22,16 +22,74 @@ from maskdistill.datasets import (
     DatasetLayoutError,
     coco20k_instances,
     coco20k_records,
+    dataset_source,
+    list_image_folder,
+    shard_of,
+    shard_records,
     voc_records,
     voc_split_names,
     write_voc_instances,
 )
-from maskdistill.images import list_split, resolve_splits
+from maskdistill.settings import load_settings, section_settings
 from maskdistill.storage import decode_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 30, 40
 PERSON, DOG, CAT = VOC_CLASSES.index("person") + 1, VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("cat") + 1
+
+# ---------------------------------------------------------------- folders of images and shards
+
+
+def test_nested_folders_keep_distinct_keys(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "x.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b" / "x.png")
+    assert [r.key for r in list_image_folder(tmp_path)] == ["a/x", "b/x"]
+
+
+def test_same_key_from_two_files_is_an_error_naming_both(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "x.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "x.png")
+    with pytest.raises(ValueError, match="'a/x'") as info:
+        list_image_folder(tmp_path)
+    assert "x.jpg" in str(info.value) and "x.png" in str(info.value)
+
+
+def test_empty_dataset_error_names_the_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "notes.txt").write_text("no images here")
+    images = section_settings("dataset", {"source": "images", "train": {"images": str(tmp_path)}})
+    with pytest.raises(ValueError, match=f"empty dataset, no images found in {tmp_path}"):
+        dataset_source(images).records("train")
+
+
+def test_folder_link_loop_is_listed_once(tmp_path):
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "d" / "x.png")
+    os.symlink(tmp_path, tmp_path / "d" / "loop")
+    keys = [r.key for r in list_image_folder(tmp_path)]
+    assert "d/x" in keys and len(keys) == len(set(keys)) and len(keys) <= 2
+
+
+def test_shards_are_stable_when_images_are_added(tmp_path):
+    keys = [f"img{i:03d}" for i in range(50)]
+    before = {k: shard_of(k, 4) for k in keys}
+    after = {k: shard_of(k, 4) for k in keys + [f"new{i}" for i in range(10)]}
+    assert all(after[k] == before[k] for k in keys)
+    assert len(set(before.values())) == 4
+
+
+def test_shard_records_partition_the_split(tmp_path):
+    for i in range(12):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{i}.png")
+    records = list_image_folder(tmp_path)
+    parts = [shard_records(records, s, 3) for s in range(3)]
+    assert sorted(r.key for p in parts for r in p) == sorted(r.key for r in records)
+    with pytest.raises(ValueError, match="shard 3"):
+        shard_records(records, 3, 3)
+
 
 # ---------------------------------------------------------------- tiny VOC tree
 
@@ -117,11 +175,11 @@ def test_voc_train_aug_is_the_aug_labels_minus_val_unless_a_list_file_exists(tmp
 
 def test_voc_source_resolves_to_train_aug_and_val(tmp_path):
     voc = make_voc(tmp_path)
-    ds = validate_config({"dataset": {"source": "voc", "voc": {"root": str(voc)}}})["dataset"]
-    splits = resolve_splits(ds, str(tmp_path / "results"))
-    assert [r.key for r in list_split(splits["train"])] == sorted(VOC_TRAIN + VOC_AUG_ONLY)
-    assert [r.key for r in list_split(splits["val"])] == sorted(VOC_VAL)
-    assert splits["val"]["annotations"] == str(tmp_path / "results" / "gt" / "voc_val.json")
+    ds = load_settings({"dataset": {"source": "voc", "voc": {"root": str(voc)}}}).dataset
+    source = dataset_source(ds, str(tmp_path / "results"))
+    assert [r.key for r in source.records("train")] == sorted(VOC_TRAIN + VOC_AUG_ONLY)
+    assert [r.key for r in source.records("val")] == sorted(VOC_VAL)
+    assert source.gt_instances("val") == str(tmp_path / "results" / "gt" / "voc_val.json")
 
 
 def test_voc_instances_have_the_known_masks_boxes_and_categories(tmp_path):
@@ -303,7 +361,7 @@ def test_benchmark_sources_require_their_paths():
 
 # ---------------------------------------------------------------- dry runs of the full DAG
 
-FULL_DAG = {"mine", "describe", "cluster", "train_detector", "predict_detector", "pseudo_labels",
+FULL_DAG = {"mine", "cluster_features", "cluster", "train_detector", "predict_detector", "pseudo_labels",
             "initial_labels", "train_segmentation", "predict_segmentation", "evaluate", "all"}
 
 
@@ -350,10 +408,11 @@ def test_evaluate_scores_voc_val_against_segmentation_class_pngs(tmp_path):
     for name in VOC_VAL:
         gt = np.array(Image.open(voc / "SegmentationClass" / f"{name}.png"))
         Image.fromarray(relabel[gt], mode="L").save(pred_dir / f"{name}.png")
-    cfg = json.dumps({"dataset": {"source": "voc", "voc": {"root": str(voc)}}})
+    cfg = json.dumps({"dataset": {"source": "voc", "voc": {"root": str(voc)}},
+                      "clustering": {"num_clusters": 3}})  # 4 predicted labels with background
     out = tmp_path / "out"
     argv = ["evaluate", "--config", cfg, "--split", "val", "--gt-semantic", str(voc / "SegmentationClass"),
-            "--pred", f"segmentation={pred_dir}", "--num-pred", "4", "--out-metrics", str(out / "m.json"),
+            "--pred", f"segmentation={pred_dir}", "--out-metrics", str(out / "m.json"),
             "--out-report", str(out / "r.md"), "--out-figure", str(out / "f.png")]
     assert main(argv) == 0
     metrics = json.loads((out / "m.json").read_text())

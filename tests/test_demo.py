@@ -11,11 +11,21 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from maskdistill.demo import DEMO_CATEGORIES, demo_image_keys, draw_scene, generate_demo
+from maskdistill.datasets import demo_image_keys
+from maskdistill.demo import DEMO_CATEGORIES, draw_scene, generate_demo
+from maskdistill.settings import DemoSettings, section_settings
 from maskdistill.storage import decode_segmentation, read_json, read_label_png
 
-CFG = {"num_train": 12, "num_val": 4, "image_size": 64, "min_objects": 1, "max_objects": 3,
-       "seed": 7}
+DEMO = {"num_train": 12, "num_val": 4, "image_size": 64, "min_objects": 1, "max_objects": 3,
+        "seed": 7}
+
+
+def demo_settings(**changes) -> DemoSettings:
+    """The test's demo settings with ``changes``, validated like a config's."""
+    return section_settings("dataset", {"demo": {**DEMO, **changes}}).demo
+
+
+CFG = demo_settings()
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +48,17 @@ def test_generation_is_byte_identical(demo_dir, tmp_path):
 
 
 def test_scene_depends_only_on_seed_split_index():
-    big = dict(CFG, num_train=50)
+    big = demo_settings(num_train=50)
     a_rgb, a_inst, a_cats = draw_scene(CFG, "train", 3)
     b_rgb, b_inst, b_cats = draw_scene(big, "train", 3)  # split size does not matter
     assert np.array_equal(a_rgb, b_rgb) and np.array_equal(a_inst, b_inst) and a_cats == b_cats
-    c_rgb, _, _ = draw_scene(dict(CFG, seed=8), "train", 3)
+    c_rgb, _, _ = draw_scene(demo_settings(seed=8), "train", 3)
     assert not np.array_equal(a_rgb, c_rgb)
 
 
 def test_keys_match_files(demo_dir):
     assert demo_image_keys(CFG, "train") == [f"scene_{i:04d}" for i in range(12)]
-    assert len(demo_image_keys({**CFG, "num_val": 12000}, "val")[-1]) == len("scene_11999")
+    assert len(demo_image_keys(demo_settings(num_val=12000), "val")[-1]) == len("scene_11999")
     with pytest.raises(ValueError, match="test"):
         demo_image_keys(CFG, "test")
     for split in ("train", "val"):
@@ -100,7 +110,7 @@ def test_every_image_has_objects_and_background(demo_dir):
 
 
 def test_categories_all_present():
-    cfg = dict(CFG, num_train=24, seed=0)
+    cfg = demo_settings(num_train=24, seed=0)
     seen = Counter(c for i in range(24) for c in draw_scene(cfg, "train", i)[2])
     assert set(seen) == set(range(1, len(DEMO_CATEGORIES) + 1))
 
@@ -115,8 +125,8 @@ def _same_scenes_on(background: str, count: int = 16):
     """(rgb, inst, plain rgb, plain inst) of the first val scenes, after checking that the
     background variant keeps every object of the plain scene in its place."""
     for i in range(count):
-        rgb, inst, cats = draw_scene(dict(CFG, num_val=count, background=background), "val", i)
-        rgb0, inst0, cats0 = draw_scene(dict(CFG, num_val=count), "val", i)
+        rgb, inst, cats = draw_scene(demo_settings(num_val=count, background=background), "val", i)
+        rgb0, inst0, cats0 = draw_scene(demo_settings(num_val=count), "val", i)
         assert cats == cats0 and np.array_equal(inst, inst0)  # same objects, same places
         yield rgb, inst, rgb0, inst0
 
@@ -127,7 +137,7 @@ def test_a_clutter_background_is_as_colourful_as_the_objects_and_keeps_them():
         assert sat[inst == 0].mean() > 40  # plain grey backgrounds stay under 15
         assert not np.array_equal(rgb[inst == 0], rgb0[inst0 == 0])
     with pytest.raises(ValueError, match="dataset.demo.background"):
-        draw_scene(dict(CFG, background="stripes"), "val", 0)
+        draw_scene(demo_settings(background="stripes"), "val", 0)
 
 
 def test_a_grain_background_keeps_the_objects_and_roughens_only_the_background():
@@ -148,7 +158,7 @@ def test_background_variants_draw_the_scenes_they_drew_when_measured():
     for background, digest in expected.items():
         pixels = hashlib.sha256()
         for i in range(4):
-            pixels.update(draw_scene(dict(CFG, background=background), "val", i)[0].tobytes())
+            pixels.update(draw_scene(demo_settings(background=background), "val", i)[0].tobytes())
         assert pixels.hexdigest() == digest, background
 
 
@@ -170,6 +180,6 @@ def test_instances_load_with_pycocotools(demo_dir):
 
 def test_bad_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="min_objects"):
-        generate_demo(tmp_path, dict(CFG, min_objects=4))
+        generate_demo(tmp_path, demo_settings(min_objects=4))
     with pytest.raises(ValueError, match="seed"):
-        generate_demo(tmp_path, {k: v for k, v in CFG.items() if k != "seed"})
+        generate_demo(tmp_path, demo_settings(seed="seven"))

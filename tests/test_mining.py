@@ -1,4 +1,7 @@
-"""Stage 1: every rule of the mask construction, on hand-built q/k with known geometry."""
+"""Stage 1: every rule of the mask construction, on hand-built q/k with known geometry; whole
+shards mined with a tiny random ViT, under both ``on_bad_image`` policies."""
+
+from __future__ import annotations
 
 from pathlib import Path
 
@@ -6,8 +9,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_images import mixed_folder as make_mixed_folder
 
-from maskdistill.mining import MiningParams, mask_from_qk, mass_threshold, upsample_patch_mask
+from maskdistill.datasets import list_image_folder, without_skipped
+from maskdistill.images import ImageReadError
+from maskdistill.input_report import input_report, skipped_keys, write_input_report
+from maskdistill.mining import (
+    MiningParams,
+    mask_from_qk,
+    mass_threshold,
+    mine_shard,
+    mining_params,
+    upsample_patch_mask,
+)
+from maskdistill.settings import section_settings
+from maskdistill.storage import read_mask_shard, shard_skipped
 
 U = torch.tensor([1.0, 0.0, 0.0, 0.0])  # "object" key direction
 V = torch.tensor([0.0, 1.0, 0.0, 0.0])
@@ -161,6 +177,12 @@ def test_cls_heads_outside_range_names_the_key():
         mask_from_qk(q, k, (8, 8), MiningParams(cls_heads=4))
 
 
+def test_the_default_settings_are_the_papers_rules():
+    assert mining_params(section_settings("mining")) == MiningParams()
+    params = mining_params(section_settings("mining", {"cls_heads": 2, "seed_from": "attention"}))
+    assert params == MiningParams(cls_heads=2, seed_from="attention")
+
+
 def test_upsample_nearest_through_resized_frame():
     pm = np.array([[1, 0, 1], [0, 1, 0]], bool)
     # 2x3 patches of 16 px -> padded 32x48; resized image 32x40 (last column partly padding);
@@ -181,14 +203,11 @@ def _write_images(folder: Path, sizes):
 
 
 def test_mine_shard_writes_full_size_masks(tmp_path):
-    from maskdistill.images import list_image_folder
-    from maskdistill.mining import mine_shard
-    from maskdistill.storage import read_mask_shard
-
     _write_images(tmp_path / "imgs", [(40, 56), (40, 56), (33, 20)])
     records = list_image_folder(tmp_path / "imgs")
-    cfg = {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 48, "cls_heads": None,
-           "mass": 0.5, "proposal_ratio": 0.4, "batch_size": 2}
+    cfg = section_settings("mining", {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 48,
+                                      "cls_heads": None, "mass": 0.5, "proposal_ratio": 0.4,
+                                      "batch_size": 2})
     out = tmp_path / "shard.h5"
     stats = mine_shard(records, out, cfg, torch.device("cpu"))
     assert stats["images"] == 3
@@ -204,14 +223,11 @@ def test_mine_shard_writes_full_size_masks(tmp_path):
 
 
 def test_failed_shard_leaves_no_file(tmp_path):
-    from maskdistill.images import ImageReadError, list_image_folder
-    from maskdistill.mining import mine_shard
-
     _write_images(tmp_path / "imgs", [(32, 32), (32, 32)])
     (tmp_path / "imgs" / "img9.png").write_bytes(b"not an image")
     records = list_image_folder(tmp_path / "imgs")
-    cfg = {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 32, "mass": 0.5,
-           "proposal_ratio": 0.4}
+    cfg = section_settings("mining", {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 32,
+                                      "mass": 0.5, "proposal_ratio": 0.4})
     out = tmp_path / "shard.h5"
     with pytest.raises(ImageReadError, match="img9.png"):
         mine_shard(records, out, cfg, torch.device("cpu"))
@@ -243,3 +259,45 @@ def test_decoding_runs_a_bounded_number_of_images_ahead(monkeypatch):
         first = next(stream)
         assert first == "k0" and len(started) <= 5  # never the whole shard in memory
         assert [first, *stream] == [r.key for r in records]  # order kept
+
+
+# ---------------------------------------------------------------- dataset.on_bad_image
+
+MINING = section_settings("mining", {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": False},
+                                     "short_side": 32, "batch_size": 2})
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    return make_mixed_folder(tmp_path_factory.mktemp("mixed"))
+
+
+def test_mining_skip_policy_lists_every_bad_file_with_its_reason(mixed_folder, tmp_path):
+    root, bad, good = mixed_folder
+    records = list_image_folder(root)
+    torch.manual_seed(0)
+    stats = mine_shard(records, tmp_path / "shard-000.h5", MINING, torch.device("cpu"), "skip")
+    assert stats["images"] == len(good) and stats["skipped"] == len(bad)
+    mined = {m.key: m for m in read_mask_shard(tmp_path / "shard-000.h5")}
+    assert set(mined) == good
+    assert mined["one_pixel"].mask.shape == (1, 1) and mined["column"].mask.shape == (8, 1)
+    assert mined["row"].mask.shape == (1, 8)
+    skipped = {s.key: s for s in shard_skipped(tmp_path / "shard-000.h5")}
+    assert set(skipped) == set(bad)
+    for key, reason in bad.items():
+        assert reason in skipped[key].reason and Path(skipped[key].path).parent == root
+    # later stages leave the skipped images out; the per-run report lists them with reasons
+    report = input_report({"train": [tmp_path / "shard-000.h5"]}, "skip")
+    report_json = tmp_path / "input_report.json"
+    write_input_report(report, report_json, tmp_path / "input_report.md")
+    assert {r.key for r in without_skipped(records, skipped_keys(report_json, "train"))} == good
+    assert report["splits"] == {"train": {"mined": len(good), "skipped": len(bad)}}
+    assert {s["key"]: s["reason"] for s in report["skipped"]} == {k: v.reason for k, v in skipped.items()}
+
+
+def test_mining_fail_policy_names_the_file_and_leaves_no_shard(mixed_folder, tmp_path):
+    root, _, _ = mixed_folder
+    records = [r for r in list_image_folder(root) if r.key in ("wide", "zero")]
+    with pytest.raises(ImageReadError, match=r"zero\.jpg: empty file"):
+        mine_shard(records, tmp_path / "shard-000.h5", MINING, torch.device("cpu"), "fail")
+    assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,18 @@
-"""Tests of the per-rule config that decides Snakemake reruns."""
+"""The plan (maskdistill.plan): what runs for each source and setting, and the per-rule config that
+decides Snakemake reruns."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_datasets import VOC_TRAIN, make_coco, make_voc
 
 from maskdistill.config import validate_config
-from maskdistill.plan import rule_config
+from maskdistill.plan import make_plan, rule_config
 
 
 def test_a_key_added_later_reruns_nothing_at_its_neutral_value():
@@ -30,3 +36,95 @@ def test_the_seed_rule_added_later_reruns_mining_only_when_changed():
     attention["mining"]["seed_from"] = "attention"
     assert rule_config(attention, "mining") != rule_config(now, "mining")
     assert rule_config(attention, "clustering") == rule_config(now, "clustering")
+
+
+# ---------------------------------------------------------------- the plan of each source
+
+
+def _images(root: Path, n: int = 3) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i, i, i)).save(root / f"im{i}.png")
+    return root
+
+
+def test_the_demo_plans_every_stage_with_the_diagnostics_first():
+    plan = make_plan({"clustering": {"num_clusters": 4, "overclustering": 2}})
+    assert set(plan.splits) == {"train", "val"} and plan.eval_split == "val"
+    assert plan.gt_instances == "results/demo/val/instances.json" and plan.has_gt
+    assert plan.num_labels == 9 and plan.shards == ("000", "001")
+    assert list(plan.eval_stages) == ["patch_kmeans", "initial_masks", "maskrcnn", "segmentation"]
+    assert plan.eval_stages["maskrcnn"] == "results/pseudo_labels/val"
+    assert plan.targets() == ["results/segmentation/predictions/train",
+                              "results/segmentation/predictions/val", "results/input_report.json",
+                              "results/metrics.json", "results/report.md"]
+    assert plan.splits["val"][0] == ("scene_0000", "results/demo/val/images/scene_0000.png")
+
+
+def test_the_crf_round_is_the_final_stage_and_is_scored_with_and_without_crf():
+    plan = make_plan({"crf": {"self_training": True}, "evaluation": {"crf": True, "diagnostics": False}})
+    assert plan.final_segmentation == "segmentation_crf"
+    assert list(plan.eval_stages) == ["initial_masks", "maskrcnn", "segmentation", "segmentation_crf",
+                                      "segmentation_crf+crf"]
+    assert plan.eval_stages["segmentation_crf+crf"] == "results/segmentation_crf/crf/val"
+
+
+def test_pretraining_points_mining_and_clustering_at_its_weights():
+    plan = make_plan({"pretrain": {"enabled": True, "arch": "vit_demo_patch8_128"}})
+    for section in ("mining", "clustering"):
+        assert plan.config[section]["backbone"] == {"name": "vit_demo_patch8_128", "pretrained": False,
+                                                    "checkpoint": "results/pretrain/backbone.safetensors"}
+        assert getattr(plan.settings, section).backbone.checkpoint == plan.pretrained
+
+
+def test_a_train_folder_alone_is_segmented_but_not_evaluated(tmp_path):
+    plan = make_plan({"dataset": {"source": "images", "train": {"images": str(_images(tmp_path / "a"))}}})
+    assert list(plan.splits) == ["train"] and not plan.has_gt and not plan.mask_ap
+    assert plan.targets() == ["results/segmentation/predictions/train", "results/input_report.json"]
+
+
+def test_a_val_folder_with_annotations_is_evaluated_against_them(tmp_path):
+    val = _images(tmp_path / "val", 2)
+    (tmp_path / "val.json").write_text(json.dumps({
+        "images": [{"id": i + 1, "file_name": f"im{i}.png", "height": 8, "width": 8} for i in range(2)],
+        "annotations": [], "categories": [{"id": 1, "name": "thing"}]}))
+    plan = make_plan({"dataset": {"source": "images", "train": {"images": str(_images(tmp_path / "t"))},
+                                  "val": {"images": str(val), "annotations": str(tmp_path / "val.json")}}})
+    assert plan.has_gt and plan.gt_instances == str(tmp_path / "val.json") and plan.mask_ap
+    assert [key for key, _ in plan.splits["val"]] == ["im0", "im1"]
+
+
+def test_the_linear_probe_needs_label_maps_outside_the_demo_and_voc(tmp_path):
+    val = _images(tmp_path / "val", 1)
+    (tmp_path / "val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "im0.png", "height": 8, "width": 8}], "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    dataset = {"source": "images", "train": {"images": str(_images(tmp_path / "t"))},
+               "val": {"images": str(val), "annotations": str(tmp_path / "val.json")}}
+    with pytest.raises(ValueError, match="linear_probe.train_labels"):
+        make_plan({"dataset": dataset, "linear_probe": {"enabled": True}})
+    labels = {"train_labels": str(tmp_path / "t"), "val_labels": str(val)}
+    plan = make_plan({"dataset": dataset, "linear_probe": {"enabled": True, **labels}})
+    assert plan.linear_probe and plan.probe_labels == {"train": str(tmp_path / "t"), "val": str(val)}
+    assert make_plan({}).probe_labels == {"train": "results/demo/train/semantic",
+                                          "val": "results/demo/val/semantic"}
+
+
+def test_voc_is_evaluated_on_val_with_its_label_pngs(tmp_path):
+    voc = make_voc(tmp_path)
+    plan = make_plan({"dataset": {"source": "voc", "voc": {"root": str(voc), "train_split": "train"}}})
+    assert [k for k, _ in plan.splits["train"]] == VOC_TRAIN and plan.eval_split == "val"
+    assert plan.gt_instances == "results/gt/voc_val.json"
+    assert plan.gt_semantic == str(voc / "SegmentationClass")
+    assert plan.probe_labels == {"train": str(voc / "SegmentationClassAug"),
+                                 "val": str(voc / "SegmentationClass")}
+
+
+def test_coco20k_is_one_split_evaluated_on_itself(tmp_path):
+    paths = {k: str(v) for k, v in make_coco(tmp_path).items()}
+    plan = make_plan({"dataset": {"source": "coco20k", "coco20k": paths}})
+    assert list(plan.splits) == ["train"] and plan.eval_split == "train" and plan.has_gt
+    assert plan.gt_instances == "results/gt/coco20k.json"
+    assert plan.targets()[:2] == ["results/segmentation/predictions/train", "results/input_report.json"]
+    unlabelled = make_plan({"dataset": {"source": "coco20k", "coco20k": {**paths, "annotations": None}}})
+    assert not unlabelled.has_gt and "results/metrics.json" not in unlabelled.targets()

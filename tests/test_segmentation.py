@@ -20,6 +20,7 @@ from maskdistill.segmentation import (
     predict_segmentation,
     train_segmentation,
 )
+from maskdistill.settings import SegmentationSettings, section_settings
 from maskdistill.storage import read_label_png, write_label_png
 from maskdistill.training import load_checkpoint
 
@@ -181,14 +182,17 @@ def _square_data(root: Path, n: int = 6, hw: tuple[int, int] = (40, 48)) -> list
     return records
 
 
-def _cfg(**over) -> dict:
+NUM_CLASSES = 2
+
+
+def _cfg(**over) -> SegmentationSettings:
     cfg = dict(arch="resnet18", output_stride=8, atrous_rates=[1, 2, 3], pretrained_backbone=None,
-               frozen_stages=1, num_classes=2, epochs=2, batch_size=2, lr=0.01, momentum=0.9,
+               frozen_stages=1, epochs=2, batch_size=2, lr=0.01, momentum=0.9,
                weight_decay=1e-4, lr_drop_epochs=[1], crop_size=32, scale_range=[0.75, 1.25],
                rotation_degrees=5, hard_pixel_fraction=0.2, test_short_side=None, num_workers=0,
                log_every=1, seed=3)
     cfg.update(over)
-    return cfg
+    return section_settings("segmentation", cfg)
 
 
 def test_dataset_augmentation_is_deterministic_and_well_formed(tmp_path):
@@ -218,7 +222,7 @@ def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog)
     cfg = _cfg(epochs=8, lr=0.02, lr_drop_epochs=[6], hard_pixel_fraction=1.0)
     out = tmp_path / "model.pt"
     with caplog.at_level(logging.INFO, logger="maskdistill"):
-        train_segmentation(records, tmp_path / "labels", tmp_path / "ckpt", out, cfg,
+        train_segmentation(records, tmp_path / "labels", tmp_path / "ckpt", out, cfg, NUM_CLASSES,
                            torch.device("cpu"))
     losses = _losses(caplog)
     assert len(losses) == 8 * 3  # 6 images / batch 2 = 3 steps per epoch, one line each
@@ -228,7 +232,7 @@ def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog)
 
     pred_dir = tmp_path / "pred"
     val = [ImageRecord(key=r.key, path=r.path) for r in records[:2]]
-    predict_segmentation(out, val, pred_dir, dict(cfg, test_short_side=48), torch.device("cpu"))
+    predict_segmentation(out, val, pred_dir, torch.device("cpu"), 48)
     for r in val:
         lab = read_label_png(pred_dir / f"{r.key}.png")
         gt = read_label_png(tmp_path / "labels" / f"{r.key}.png")
@@ -239,9 +243,9 @@ def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog)
     # resume=True skips existing outputs; default overwrites
     marker = np.full((40, 48), 1, np.uint8)
     write_label_png(pred_dir / f"{val[0].key}.png", marker)
-    predict_segmentation(out, val, pred_dir, cfg, torch.device("cpu"), resume=True)
+    predict_segmentation(out, val, pred_dir, torch.device("cpu"), cfg.test_short_side, resume=True)
     assert (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
-    predict_segmentation(out, val, pred_dir, cfg, torch.device("cpu"))
+    predict_segmentation(out, val, pred_dir, torch.device("cpu"), cfg.test_short_side)
     assert not (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
 
 
@@ -251,17 +255,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, caplog):
     labels = tmp_path / "labels"
     cpu = torch.device("cpu")
     cfg = _cfg(epochs=2)
-    train_segmentation(records, labels, tmp_path / "a", tmp_path / "a.pt", cfg, cpu)
+    train_segmentation(records, labels, tmp_path / "a", tmp_path / "a.pt", cfg, NUM_CLASSES, cpu)
     # "interrupted" run: stop after epoch 1, then rerun with the full schedule
-    train_segmentation(records, labels, tmp_path / "b", tmp_path / "b1.pt", dict(cfg, epochs=1),
-                       cpu)
+    train_segmentation(records, labels, tmp_path / "b", tmp_path / "b1.pt", _cfg(epochs=1),
+                       NUM_CLASSES, cpu)
     with caplog.at_level(logging.INFO, logger="maskdistill"):
-        train_segmentation(records, labels, tmp_path / "b", tmp_path / "b.pt", cfg, cpu)
+        train_segmentation(records, labels, tmp_path / "b", tmp_path / "b.pt", cfg, NUM_CLASSES, cpu)
     assert "resuming segmentation training" in caplog.text
     assert len(_losses(caplog)) == 2  # only epoch 2 ran (2 steps)
     last_a = load_checkpoint(tmp_path / "a" / "last.pt")
     last_b = load_checkpoint(tmp_path / "b" / "last.pt")
-    assert last_a["global_step"] == last_b["global_step"] == 4 and last_b["epoch"] == 2
+    assert last_a["step"] == last_b["step"] == 4 and last_b["epoch"] == 2
     # CPU kernels are deterministic here, so the weights match exactly
     wa = load_checkpoint(tmp_path / "a.pt")["state_dict"]
     wb = load_checkpoint(tmp_path / "b.pt")["state_dict"]
@@ -278,4 +282,19 @@ def test_missing_label_file_is_named(tmp_path):
     (tmp_path / "labels" / "sub" / "img1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"sub/img1\.png"):
         train_segmentation(records, tmp_path / "labels", tmp_path / "c", tmp_path / "m.pt", _cfg(),
-                           torch.device("cpu"))
+                           NUM_CLASSES, torch.device("cpu"))
+
+
+def test_model_file_of_an_earlier_version_loads(tmp_path):
+    """Older model files kept ``num_classes`` inside ``cfg``; they still load."""
+    from maskdistill.segmentation import load_segmentation_model
+    from maskdistill.settings import as_config
+    from maskdistill.training import save_checkpoint
+
+    model = build_deeplabv3("resnet18", 3, 8, (1, 2, 3), None, 1)
+    cfg = as_config(_cfg()) | {"num_classes": 3}
+    save_checkpoint(tmp_path / "old.pt", {"state_dict": model.state_dict(), "cfg": cfg, "num_classes": 3})
+    loaded, num_classes = load_segmentation_model(tmp_path / "old.pt", torch.device("cpu"))
+    assert num_classes == 3 and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

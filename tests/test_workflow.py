@@ -3,73 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "device": "cpu",
-    "dataset": {"source": "demo", "num_shards": 2,
-                "demo": {"num_train": 10, "num_val": 4, "image_size": 64, "min_objects": 1,
-                         "max_objects": 2, "seed": 1}},
-    "mining": {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 64, "batch_size": 4},
-    "clustering": {"backbone": {"name": "vit_tiny_patch16_224"}, "crop_size": 32,
-                   "num_clusters": 3, "batch_size": 8},
-    "detector": {"backbone": "resnet18", "train_min_size": [64, 64], "test_min_size": 64,
-                 "max_size": 96, "fpn_channels": 32, "mask_head_convs": 1,
-                 "box_head_dim": 64, "rpn_batch_size_per_image": 32,
-                 "roi_batch_size_per_image": 32, "epochs": 1, "batch_size": 2, "warmup_iters": 2,
-                 "num_workers": 0, "lr_drop_epochs": [5], "log_every": 2},
-    "segmentation": {"arch": "resnet18", "frozen_stages": 0, "epochs": 1, "batch_size": 2,
-                     "crop_size": 48, "lr_drop_epochs": [5], "num_workers": 0, "log_every": 2},
-}
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
-    """Rule names of the jobs a dry run would execute (from its job-stats table)."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return set()
-    rules, table = set(), False
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            table = True
-            continue
-        if table:
-            if not parts or parts[0] == "total":
-                break
-            if len(parts) == 2 and parts[1].isdigit():
-                rules.add(parts[0])
-    return rules
-
-
-def write_config(workdir: Path, cfg: dict) -> None:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+from conftest import TINY, copy_run, planned_rules, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("wf")
-    write_config(workdir, TINY)
-    snakemake(workdir)
-    return workdir
+def finished_run(finished_tiny_run):
+    return finished_tiny_run
 
 
 def test_workflow_completes_with_all_stage_metrics(finished_run):
@@ -89,7 +30,8 @@ def test_second_dry_run_has_nothing_to_do(finished_run):
     assert planned_rules(snakemake(finished_run, "-n")) == set()
 
 
-def test_kmeans_change_reruns_clustering_and_after_but_no_mining(finished_run):
+def test_kmeans_change_reruns_clustering_and_after_but_no_mining(finished_run, tmp_path):
+    finished_run = copy_run(finished_run, tmp_path / "run")
     shards = sorted((finished_run / "results" / "masks").rglob("*.h5"))
     feats = sorted((finished_run / "results" / "features").rglob("*.h5"))
     before = {p: p.stat().st_mtime_ns for p in shards + feats}
@@ -131,4 +73,4 @@ def test_workflow_is_lint_clean(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# The SLURM profile's dry run (GPU rules on GPUs, shards as jobs) is in tests/test_slurm.py.
+# The SLURM profile's dry run (GPU rules on GPUs, shards as jobs) is in tests/test_workflow_slurm.py.

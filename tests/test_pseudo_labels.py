@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from maskdistill.pseudolabels import label_map, paste_masks, select_confident, write_label_maps
+from maskdistill.pseudo_labels import label_map, paste_masks, select_confident, write_label_maps
 from maskdistill.storage import encode_rle, read_label_png
 
 

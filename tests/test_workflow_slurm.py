@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_reruns import finished_tiny_run, planned_jobs
-from test_workflow import REPO, TINY, write_config
+from conftest import REPO, TINY, planned_jobs, write_config
+from conftest import run_env as base_env
 
 SLURM_DIR = REPO / ".ci" / "slurm"
 PROFILE = REPO / "profiles" / "slurm"
@@ -43,7 +43,7 @@ def unavailable(reason: str) -> None:
 
 
 def run_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra)
+    env = base_env(**extra)
     env.pop("CUDA_VISIBLE_DEVICES", None)  # --export=ALL would carry it into the jobs
     return env
 
@@ -116,7 +116,7 @@ def test_every_job_went_through_sbatch(slurm_run):
 
 def test_gpu_rules_get_a_gpu_on_the_gpu_partition(slurm_run):
     workdir, text = slurm_run
-    assert {"mine", "describe", "train_detector", "predict_detector", "train_segmentation",
+    assert {"mine", "cluster_features", "train_detector", "predict_detector", "train_segmentation",
             "predict_segmentation"} <= gpu_rules()
     seen = set()
     for job_id, log in submissions(text).items():
@@ -133,9 +133,9 @@ def test_gpu_rules_get_a_gpu_on_the_gpu_partition(slurm_run):
     assert gpu_rules() & seen and seen - gpu_rules()
 
 
-def test_results_equal_a_local_run(slurm_run, tmp_path_factory):
+def test_results_equal_a_local_run(slurm_run, finished_tiny_run):
     workdir, _ = slurm_run
-    local = finished_tiny_run(tmp_path_factory)
+    local = finished_tiny_run
     ours, theirs = workdir / "results", local / "results"
     def same_json(rel: str) -> bool:
         return json.loads((ours / rel).read_text()) == json.loads((theirs / rel).read_text())
@@ -183,8 +183,8 @@ def test_slurm_profile_dry_run_needs_no_slurm_and_shards_are_jobs(tmp_path):
 
 
 def test_slurm_profiles_name_real_rules_and_agree_on_threads():
-    rules = set(re.findall(r"^rule (\w+):", "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk")),
-                           re.M))
+    text = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
+    rules = {a or b for a, b in re.findall(r"^\s*(?:rule (\w+):|use rule \w+ as (\w+) with:)", text, re.M)}
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     ci = yaml.safe_load((CI_PROFILE / "config.yaml").read_text())
     assert set(profile["set-resources"]) <= rules, set(profile["set-resources"]) - rules

@@ -1,19 +1,18 @@
 # Per-run input report: which images mining read and which it skipped (dataset.on_bad_image: skip),
-# with the reason for each, gathered from the mask shards.
+# with the reason for each, gathered from the mask shards. Later rules that leave the skipped
+# images out read it as a declared input (--skipped).
 
 
 rule input_report:
     input:
         train=shard_files("masks", "train"),
-        val=shard_files("masks", "val") if HAS_VAL else [],
+        val=shard_files("masks", "val") if PLAN.has_val else [],
     output:
-        json=f"{RESULTS}/input_report.json",
+        json=INPUT_REPORT,
         md=f"{RESULTS}/input_report.md",
+        csv=f"{RESULTS}/input_report.csv",  # written beside the Markdown
     params:
         cfg=cfg(),
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
     log:
         "logs/input_report.log",
     shell:

@@ -7,8 +7,10 @@ another backend (e.g. detectron2) can be registered in :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,30 +26,25 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskdistill.backbone import load_resnet_weights
-from maskdistill.config import section_defaults
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
-from maskdistill.storage import (
-    atomic_path,
-    decode_segmentation,
-    encode_rle,
-    read_json,
-    write_json,
-)
+from maskdistill.settings import DetectorSettings, as_config, stored_settings
+from maskdistill.storage import decode_segmentation, encode_rle, read_json, write_json
 from maskdistill.training import (
-    ProgressLog,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
+    Losses,
+    TrainingRun,
+    fit,
+    load_model,
+    progress,
+    save_model,
     seed_everything,
-    set_rng_state,
 )
 
 log = logging.getLogger("maskdistill")
 
-DEFAULTS: dict[str, Any] = section_defaults("detector")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 WARMUP_FACTOR = 0.001
-LAST_CHECKPOINT = "last.pt"
+# Settings that apply at prediction time; the rest of the architecture comes from the model file.
+INFERENCE_KEYS = ("test_min_size", "max_size", "score_threshold", "detections_per_image")
 
 
 class DetectorBackend(Protocol):
@@ -80,16 +77,16 @@ def _fpn_backbone(resnet: nn.Module, trainable_layers: int, channels: int) -> Ba
                            extra_blocks=LastLevelMaxPool())
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, load_pretrained: bool = True) -> MaskRCNN:
+def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = True) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone as configured (``num_classes`` includes background).
 
     With ``pretrained_backbone`` set, batch norm is frozen (as with detectron2's R50 weights) and
     the weights are loaded when ``load_pretrained``; from scratch, ordinary batch norm is used.
     """
-    name = cfg["backbone"]
+    name = s.backbone
     if name not in BACKBONES:
         raise ValueError(f"config key 'detector.backbone': unknown '{name}', choose from {BACKBONES}")
-    pretrained = cfg.get("pretrained_backbone")
+    pretrained = s.pretrained_backbone
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     # zero-initialised residual branches keep activations bounded when training from scratch
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm,
@@ -97,24 +94,23 @@ def build_model(cfg: dict[str, Any], num_classes: int, load_pretrained: bool = T
     if pretrained and load_pretrained:
         load_resnet_weights(resnet, pretrained)
         log.info("backbone %s initialised from %s", name, pretrained)
-    layers = int(cfg["trainable_layers"])
+    layers = s.trainable_layers
     if not 0 <= layers <= 5:
         raise ValueError(f"config key 'detector.trainable_layers': {layers} outside 0..5")
     if layers < 5 and not pretrained and load_pretrained:
         log.warning("detector: trainable_layers=%d freezes randomly initialised backbone stages "
                     "(no pretrained_backbone given)", layers)
-    ch = int(cfg["fpn_channels"])
-    lo = int(cfg["train_min_size"][0])
+    ch = s.fpn_channels
     model = MaskRCNN(
-        _fpn_backbone(resnet, layers, ch), num_classes=None, min_size=(lo,), max_size=int(cfg["max_size"]),
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        box_score_thresh=float(cfg["score_threshold"]),
-        box_detections_per_img=int(cfg["detections_per_image"]),
-        rpn_batch_size_per_image=int(cfg["rpn_batch_size_per_image"]),
-        box_batch_size_per_image=int(cfg["roi_batch_size_per_image"]),
-        box_head=TwoMLPHead(ch * 7 * 7, int(cfg["box_head_dim"])),
-        box_predictor=FastRCNNPredictor(int(cfg["box_head_dim"]), num_classes),
-        mask_head=MaskRCNNHeads(ch, [ch] * int(cfg["mask_head_convs"]), 1),
+        _fpn_backbone(resnet, layers, ch), num_classes=None, min_size=(s.train_min_size[0],),
+        max_size=s.max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        box_score_thresh=s.score_threshold,
+        box_detections_per_img=s.detections_per_image,
+        rpn_batch_size_per_image=s.rpn_batch_size_per_image,
+        box_batch_size_per_image=s.roi_batch_size_per_image,
+        box_head=TwoMLPHead(ch * 7 * 7, s.box_head_dim),
+        box_predictor=FastRCNNPredictor(s.box_head_dim, num_classes),
+        mask_head=MaskRCNNHeads(ch, [ch] * s.mask_head_convs, 1),
         mask_predictor=MaskRCNNPredictor(ch, ch, num_classes),
     )
     # detectron2-style small init of the mask logits: torchvision's kaiming init (fan_out =
@@ -205,7 +201,7 @@ def epoch_plan(n: int, batch_size: int, size_range: tuple[int, int], seed: int,
     return batches, sizes
 
 
-def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: list[int]) -> float:
+def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: Sequence[int]) -> float:
     """Linear warmup from ``WARMUP_FACTOR`` over ``warmup_iters`` steps, x0.1 at each drop epoch."""
     warm = 1.0
     if step < warmup_iters:
@@ -221,102 +217,67 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: list[in
 class TorchvisionMaskRCNN:
     """torchvision Mask R-CNN with a ResNet-FPN backbone."""
 
-    def __init__(self, cfg: dict[str, Any], device: torch.device):
-        self.cfg = {**DEFAULTS, **cfg}
+    def __init__(self, s: DetectorSettings, device: torch.device | str):
+        self.s = s
         self.device = torch.device(device)
         self.history: list[dict[str, float]] = []  # losses of the steps run by the last train()
 
     def train(self, train_json: Path, images_root: Path, checkpoint_dir: Path,
               out_model: Path) -> None:
         """Train (resuming from ``checkpoint_dir/last.pt``) and write the final model file."""
-        cfg = self.cfg
+        s = self.s
         dataset = CocoInstances(Path(train_json), Path(images_root))
         if len(dataset) == 0:
             raise ValueError(f"{train_json}: no image has an annotation to train on")
         log.info("detector: %d training images (%d without annotations skipped), %d classes",
                  len(dataset), dataset.skipped, dataset.num_classes - 1)
-        seed_everything(int(cfg["seed"]))
-        model = build_model(cfg, dataset.num_classes).to(self.device)
+        seed_everything(s.seed)
+        model = build_model(s, dataset.num_classes).to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-                                    weight_decay=float(cfg["weight_decay"]))
-        bs = int(cfg["batch_size"])
-        steps_per_epoch = math.ceil(len(dataset) / bs)
-        drops = [int(d) for d in cfg["lr_drop_epochs"]]
-        warmup = int(cfg["warmup_iters"])
+        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        steps_per_epoch = math.ceil(len(dataset) / s.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps_per_epoch, warmup, drops))
-        epochs = int(cfg["epochs"])
-        start_epoch, step = 0, 0
-        ckpt_path = Path(checkpoint_dir) / LAST_CHECKPOINT
-        if ckpt_path.exists():
-            state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay on cpu
-            if state.get("num_classes") != dataset.num_classes:
-                raise ValueError(f"{ckpt_path}: checkpoint has {state.get('num_classes')} classes, "
-                                 f"{train_json} has {dataset.num_classes}; delete it and rerun")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            set_rng_state(state["rng"])
-            log.info("detector: resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch,
-                     step)
-        size_range = (int(cfg["train_min_size"][0]), int(cfg["train_min_size"][1]))
-        progress = ProgressLog(epochs * steps_per_epoch, int(cfg["log_every"]), name="detector")
-        self.history = []
-        every = int(cfg["checkpoint_every_epochs"])
-        model.train()
-        for epoch in range(start_epoch, epochs):
-            batches, sizes = epoch_plan(len(dataset), bs, size_range, int(cfg["seed"]), epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, collate_fn=_collate,
-                num_workers=int(cfg["num_workers"]), pin_memory=self.device.type == "cuda")
-            for (images, targets), size in zip(loader, sizes, strict=True):
-                model.transform.min_size = (int(size),)
-                images = [im.to(self.device, non_blocking=True) for im in images]
-                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-                losses = model(images, targets)
-                total = sum(losses.values())
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"detector: non-finite loss at step {step + 1} "
-                                             f"({ {k: float(v) for k, v in losses.items()} })")
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                values = {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}
-                self.history.append(values)
-                progress.step(step, epoch + 1, values, optimizer.param_groups[0]["lr"])
-            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                    "rng": rng_state(), "num_classes": dataset.num_classes,
-                })
-        with atomic_path(out_model, suffix=".tmp.pt") as tmp:
-            torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                        "num_classes": dataset.num_classes, "cfg": dict(cfg),
-                        "categories": dataset.categories, "steps": step}, tmp)
-        log.info("detector: wrote %s after %d steps", out_model, step)
+            optimizer, lambda step: lr_factor(step, steps_per_epoch, s.warmup_iters, s.lr_drop_epochs))
+        result = fit(TrainingRun(
+            name="detector", model=model, optimizer=optimizer, epochs=s.epochs,
+            steps_per_epoch=steps_per_epoch, batches=lambda epoch: self._batches(dataset, epoch),
+            loss=lambda batch, _step: self._loss(model, batch), checkpoint_dir=Path(checkpoint_dir),
+            log_every=s.log_every, scheduler=scheduler, scheduler_interval="step",
+            checkpoint_every=s.checkpoint_every_epochs, meta={"num_classes": dataset.num_classes}))
+        self.history = result.history
+        save_model(out_model, model.state_dict(), num_classes=dataset.num_classes, cfg=as_config(s),
+                   categories=dataset.categories, steps=result.steps)
+        log.info("detector: wrote %s after %d steps", out_model, result.steps)
+
+    def _batches(self, dataset: CocoInstances, epoch: int) -> Iterator[tuple[Any, int]]:
+        """The batches of one epoch, each with the shorter-side size it is trained at."""
+        s = self.s
+        batches, sizes = epoch_plan(len(dataset), s.batch_size, s.train_min_size, s.seed, epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=s.num_workers,
+            pin_memory=self.device.type == "cuda")
+        return zip(loader, sizes, strict=True)
+
+    def _loss(self, model: MaskRCNN, batch: tuple[Any, int]) -> Losses:
+        """Mask R-CNN's summed losses on one batch, and each loss to log (plus ``total``)."""
+        (images, targets), size = batch
+        model.transform.min_size = (size,)
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
+        total = sum(losses.values())
+        values = {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}
+        return total, values
 
     def load(self, model_path: Path) -> tuple[MaskRCNN, dict[str, Any]]:
         """The trained model (eval mode, on the device, at ``test_min_size``) and its file."""
-        p = Path(model_path)
-        if not p.is_file():
-            raise FileNotFoundError(f"detector model not found: {p}")
-        try:
-            saved = torch.load(p, map_location="cpu", weights_only=False)
-            arch = {**DEFAULTS, **saved["cfg"]}
-            num_classes = int(saved["num_classes"])
-        except Exception as err:
-            raise ValueError(f"{p}: not a detector model file ({err})") from err
+        saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
         # architecture from the trained model; inference settings from the current config
-        for key in ("test_min_size", "max_size", "score_threshold", "detections_per_image"):
-            arch[key] = self.cfg[key]
-        model = build_model(arch, num_classes, load_pretrained=False)
+        arch = dataclasses.replace(stored_settings("detector", saved["cfg"]),
+                                   **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
+        model = build_model(arch, saved["num_classes"], load_pretrained=False)
         model.load_state_dict(saved["state_dict"])
-        model.transform.min_size = (int(self.cfg["test_min_size"]),)
+        model.transform.min_size = (self.s.test_min_size,)
         return model.to(self.device).eval(), saved
 
     def predict(self, model_path: Path, records: list[ImageRecord], out_json: Path) -> None:
@@ -331,13 +292,11 @@ class TorchvisionMaskRCNN:
         """
         model, saved = self.load(model_path)
         loader = torch.utils.data.DataLoader(
-            _Images(records), batch_size=int(self.cfg["batch_size"]), collate_fn=_collate,
-            num_workers=int(self.cfg["num_workers"]))
+            _Images(records), batch_size=self.s.batch_size, collate_fn=_collate,
+            num_workers=self.s.num_workers)
         images, anns = [], []
-        every = max(1, int(self.cfg["log_every"]))
-        done = 0
         with torch.inference_mode():
-            for tensors, idxs in loader:
+            for tensors, idxs in progress(loader, len(loader), "detector predictions", unit="batch"):
                 outputs = model([t.to(self.device) for t in tensors])
                 for t, i, out in zip(tensors, idxs, outputs, strict=True):
                     rec = records[i]
@@ -346,9 +305,6 @@ class TorchvisionMaskRCNN:
                     images.append({"id": image_id, "file_name": rec.key + rec.path.suffix,
                                    "height": int(h), "width": int(w), "key": rec.key})
                     anns.extend(_annotations(out, image_id, start_id=len(anns) + 1))
-                    done += 1
-                    if done % every == 0 or done == len(records):
-                        log.info("detector: predicted %d/%d images", done, len(records))
         write_json(out_json, {"images": images, "annotations": anns,
                               "categories": saved["categories"]})
         log.info("detector: wrote %d predictions for %d images to %s", len(anns), len(images),
@@ -386,11 +342,10 @@ def _annotations(out: dict[str, torch.Tensor], image_id: int,
 BACKENDS: dict[str, type] = {"torchvision": TorchvisionMaskRCNN}
 
 
-def get_backend(cfg: dict[str, Any], device: torch.device | str) -> DetectorBackend:
-    """The detector implementation named by ``cfg['backend']``."""
-    name = cfg.get("backend", DEFAULTS["backend"])
-    if name not in BACKENDS:
-        raise ValueError(f"config key 'detector.backend': unknown backend '{name}', "
+def get_backend(s: DetectorSettings, device: torch.device | str) -> DetectorBackend:
+    """The detector implementation named by ``s.backend``."""
+    if s.backend not in BACKENDS:
+        raise ValueError(f"config key 'detector.backend': unknown backend '{s.backend}', "
                          f"available: {sorted(BACKENDS)}")
-    return BACKENDS[name](cfg, torch.device(device))
+    return BACKENDS[s.backend](s, torch.device(device))
 

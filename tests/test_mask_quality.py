@@ -1,16 +1,12 @@
-"""Mined-mask quality (IoU, CorLoc), the patch K-means baseline and the stage figure."""
+"""Mined-mask quality (IoU, CorLoc, label bounds), CLS attention on objects, category separability."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from maskdistill.backbone import create_vit
-from maskdistill.baselines import labels_from_patches, patch_kmeans_baseline
-from maskdistill.figures import attention_overlay, stage_figure
-from maskdistill.images import ImageRecord
 from maskdistill.mask_quality import (
     category_separability,
     mask_iou,
@@ -24,19 +20,17 @@ from maskdistill.storage import (
     box_iou,
     encode_rle,
     mask_to_box,
-    read_label_png,
     write_json,
-    write_label_png,
 )
 
 
-def _square(h, w, y0, x0, size):
+def square(h, w, y0, x0, size):
     m = np.zeros((h, w), bool)
     m[y0:y0 + size, x0:x0 + size] = True
     return m
 
 
-def _gt(path, objects_per_image, categories_per_image=None):
+def write_gt(path, objects_per_image, categories_per_image=None):
     images, anns = [], []
     for i, objects in enumerate(objects_per_image, start=1):
         images.append({"id": i, "file_name": f"im{i}.png", "height": 20, "width": 20})
@@ -51,7 +45,7 @@ def _gt(path, objects_per_image, categories_per_image=None):
                       "categories": [{"id": c, "name": f"c{c}"} for c in names]})
 
 
-def _shard(path, masks):
+def write_shard(path, masks):
     with MaskShardWriter(path, {"backbone": "test"}) as w:
         for key, mask in masks.items():
             w.append(MinedMask(key, f"{key}.png", 20, 20, mask, mask_to_box(mask),
@@ -60,14 +54,14 @@ def _shard(path, masks):
 
 def test_box_and_mask_iou_of_known_geometry():
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
-    assert mask_iou(_square(20, 20, 0, 0, 10), _square(20, 20, 0, 5, 10)) == pytest.approx(50 / 150)
+    assert mask_iou(square(20, 20, 0, 0, 10), square(20, 20, 0, 5, 10)) == pytest.approx(50 / 150)
 
 
 def test_mined_mask_quality_takes_the_best_object_and_counts_corloc(tmp_path):
-    a, b = _square(20, 20, 0, 0, 8), _square(20, 20, 10, 10, 8)
-    _gt(tmp_path / "gt.json", [[a, b], [a], []])
+    a, b = square(20, 20, 0, 0, 8), square(20, 20, 10, 10, 8)
+    write_gt(tmp_path / "gt.json", [[a, b], [a], []])
     # image 1: exactly object b; image 2: shifted by 4 px (IoU 4*8/(2*64-32) = 1/3 < 0.5)
-    _shard(tmp_path / "s.h5", {"im1": b, "im2": _square(20, 20, 0, 4, 8)})
+    write_shard(tmp_path / "s.h5", {"im1": b, "im2": square(20, 20, 0, 4, 8)})
     q = mined_mask_quality([tmp_path / "s.h5"], tmp_path / "gt.json")
     assert q["images"] == 2  # im3 has no objects
     assert q["mask_iou"] == pytest.approx(100 * (1 + 1 / 3) / 2)
@@ -75,29 +69,29 @@ def test_mined_mask_quality_takes_the_best_object_and_counts_corloc(tmp_path):
 
 
 def test_an_image_without_a_mined_mask_counts_as_a_miss(tmp_path):
-    a = _square(20, 20, 0, 0, 8)
-    _gt(tmp_path / "gt.json", [[a], [a]])
-    _shard(tmp_path / "s.h5", {"im1": a})
+    a = square(20, 20, 0, 0, 8)
+    write_gt(tmp_path / "gt.json", [[a], [a]])
+    write_shard(tmp_path / "s.h5", {"im1": a})
     q = mined_mask_quality([tmp_path / "s.h5"], tmp_path / "gt.json")
     assert q["corloc"] == 50.0 and q["missing"] == 1
 
 
 def test_label_bounds_of_perfect_masks_are_100_for_the_oracle_and_less_for_chance(tmp_path):
-    a, b = _square(20, 20, 0, 0, 8), _square(20, 20, 10, 10, 6)
+    a, b = square(20, 20, 0, 0, 8), square(20, 20, 10, 10, 6)
     objects = [[a if i % 2 else b] for i in range(16)]
     cats = [[1 + i % 2] for i in range(16)]
-    _gt(tmp_path / "gt.json", objects, cats)
-    _shard(tmp_path / "s.h5", {f"im{i + 1}": obj[0] for i, obj in enumerate(objects)})
+    write_gt(tmp_path / "gt.json", objects, cats)
+    write_shard(tmp_path / "s.h5", {f"im{i + 1}": obj[0] for i, obj in enumerate(objects)})
     bounds = mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=2)
     assert bounds["oracle_miou"] == pytest.approx(100.0)
     assert bounds["random_miou"] < 90.0 and bounds["masks"] == 16
 
 
 def test_label_bounds_oracle_is_limited_by_mask_quality(tmp_path):
-    obj = _square(20, 20, 0, 0, 8)  # 64 px; the mined mask doubles it with 64 background pixels
+    obj = square(20, 20, 0, 0, 8)  # 64 px; the mined mask doubles it with 64 background pixels
     mined = obj | np.roll(obj, 8, axis=1)
-    _gt(tmp_path / "gt.json", [[obj]])
-    _shard(tmp_path / "s.h5", {"im1": mined})
+    write_gt(tmp_path / "gt.json", [[obj]])
+    write_shard(tmp_path / "s.h5", {"im1": mined})
     bounds = mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=1)
     background = (400 - 128) / (400 - 64)
     assert bounds["oracle_miou"] == pytest.approx(100 * (0.5 + background) / 2)
@@ -108,9 +102,9 @@ def test_mask_quality_command_adds_the_label_bounds_when_given_clusters(tmp_path
     from maskdistill.cli import main
     from maskdistill.storage import read_json
 
-    obj = _square(20, 20, 0, 0, 8)
-    _gt(tmp_path / "gt.json", [[obj]])
-    _shard(tmp_path / "s.h5", {"im1": obj})
+    obj = square(20, 20, 0, 0, 8)
+    write_gt(tmp_path / "gt.json", [[obj]])
+    write_shard(tmp_path / "s.h5", {"im1": obj})
     args = ["mask-quality", "--masks", str(tmp_path / "s.h5"), "--gt", str(tmp_path / "gt.json")]
     main([*args, "--out", str(tmp_path / "plain.json")])
     main([*args, "--num-clusters", "3", "--out", str(tmp_path / "q.json")])
@@ -120,54 +114,10 @@ def test_mask_quality_command_adds_the_label_bounds_when_given_clusters(tmp_path
 
 
 def test_label_bounds_refuse_a_mined_image_missing_from_the_ground_truth(tmp_path):
-    _gt(tmp_path / "gt.json", [[_square(20, 20, 0, 0, 8)]])
-    _shard(tmp_path / "s.h5", {"other": _square(20, 20, 0, 0, 8)})
+    write_gt(tmp_path / "gt.json", [[square(20, 20, 0, 0, 8)]])
+    write_shard(tmp_path / "s.h5", {"other": square(20, 20, 0, 0, 8)})
     with pytest.raises(ValueError, match="'other' is not in"):
         mined_label_bounds([tmp_path / "s.h5"], tmp_path / "gt.json", num_clusters=2)
-
-
-def test_patch_labels_upsample_to_the_original_size():
-    grid = np.array([[0, 1], [2, 3]])
-    out = labels_from_patches(grid, patch=4, resized=(8, 8), original=(16, 16))
-    assert out.shape == (16, 16)
-    assert (out[:8, :8] == 0).all() and (out[:8, 8:] == 1).all() and (out[8:, 8:] == 3).all()
-
-
-def test_patch_kmeans_baseline_writes_one_label_map_per_image(tmp_path):
-    records = []
-    for i in range(3):
-        arr = np.zeros((40, 30, 3), np.uint8)
-        arr[:, 15:] = (255, 40, 40)
-        Image.fromarray(arr).save(tmp_path / f"i{i}.png")
-        records.append(ImageRecord(f"i{i}", tmp_path / f"i{i}.png"))
-    out = tmp_path / "pred"
-    summary = patch_kmeans_baseline(records, records[:2], out, {"name": "vit_demo_patch8_128"}, 32, 2)
-    assert summary["images"] == 2
-    labels = read_label_png(out / "i0.png")
-    assert labels.shape == (40, 30) and set(np.unique(labels)) <= {0, 1}
-    # the two halves differ in colour, so their patches fall in different clusters
-    assert labels[20, 2] != labels[20, 27]
-
-
-def test_attention_overlay_is_brightest_where_the_affinity_peaks():
-    rgb = np.full((16, 16, 3), 100, np.uint8)
-    aff = np.zeros((2, 2), np.float32)
-    aff[1, 0] = 1.0
-    out = attention_overlay(rgb, aff).astype(int).sum(-1)
-    assert out[12, 3] > out[3, 12]
-
-
-def test_stage_figure_has_one_row_per_image_and_a_column_per_stage(tmp_path):
-    a = _square(20, 20, 2, 2, 8)
-    for key in ("im1", "im2"):
-        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / f"{key}.png")
-        write_label_png(tmp_path / "seg" / f"{key}.png", a.astype(np.uint8))
-    _shard(tmp_path / "s.h5", {"im1": a, "im2": a})
-    _gt(tmp_path / "pred.json", [[a], [a]])
-    stage_figure(["im1", "im2", "missing"], tmp_path, [tmp_path / "s.h5"], tmp_path / "pred.json",
-                 tmp_path / "seg", tmp_path / "fig.png")
-    w, h = Image.open(tmp_path / "fig.png").size
-    assert (w, h) == (5 * 220, 2 * 220)
 
 
 def test_cls_attention_share_counts_object_patches(monkeypatch):

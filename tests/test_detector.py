@@ -11,14 +11,16 @@ import torch
 import torchvision
 from PIL import Image
 
-from maskdistill.detection import (
+from maskdistill.datasets import list_image_folder
+from maskdistill.detector import (
     TorchvisionMaskRCNN,
     build_model,
     epoch_plan,
     get_backend,
     lr_factor,
 )
-from maskdistill.images import ImageRecord, list_image_folder
+from maskdistill.images import ImageRecord
+from maskdistill.settings import DetectorSettings, section_settings
 from maskdistill.storage import decode_segmentation, encode_rle, read_json, write_json
 from maskdistill.training import load_checkpoint
 
@@ -26,14 +28,14 @@ SIZE = 64
 COLOURS = {1: (250, 40, 40), 2: (40, 250, 40)}  # category id -> square colour
 
 
-def tiny_cfg(**over) -> dict:
+def tiny_cfg(**over) -> DetectorSettings:
     cfg = {"backbone": "resnet18", "trainable_layers": 5, "train_min_size": [64, 64],
            "test_min_size": 64, "max_size": 128, "epochs": 2, "batch_size": 4, "lr": 0.01,
            "lr_drop_epochs": [100], "warmup_iters": 2, "num_workers": 0, "log_every": 1,
            "score_threshold": 0.0, "detections_per_image": 5, "seed": 0,
            "roi_batch_size_per_image": 64, "rpn_batch_size_per_image": 64,
            "fpn_channels": 64, "mask_head_convs": 2, "box_head_dim": 256}
-    return cfg | over
+    return section_settings("detector", cfg | over)
 
 
 def make_dataset(root: Path, n: int = 8) -> Path:
@@ -129,10 +131,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, caplog):
     images = tmp_path / "images"
     cpu = torch.device("cpu")
     cfg = tiny_cfg(batch_size=1, epochs=2)
+    cfg_one_epoch = tiny_cfg(batch_size=1, epochs=1)
     full = TorchvisionMaskRCNN(cfg, cpu)
     full.train(train_json, images, tmp_path / "full", tmp_path / "full.pt")
 
-    TorchvisionMaskRCNN(cfg | {"epochs": 1}, cpu).train(
+    TorchvisionMaskRCNN(cfg_one_epoch, cpu).train(
         train_json, images, tmp_path / "part", tmp_path / "part1.pt")
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 2
     resumed = TorchvisionMaskRCNN(cfg, cpu)
@@ -151,8 +154,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, caplog):
 
 def test_unknown_backend_names_config_key():
     with pytest.raises(ValueError, match=r"detector\.backend.*torchvision"):
-        get_backend({"backend": "detectron3"}, "cpu")
-    assert isinstance(get_backend({"backend": "torchvision"}, "cpu"), TorchvisionMaskRCNN)
+        get_backend(section_settings("detector", {"backend": "detectron3"}), "cpu")
+    assert isinstance(get_backend(section_settings("detector", {"backend": "torchvision"}), "cpu"),
+                      TorchvisionMaskRCNN)
 
 
 @pytest.mark.parametrize("prefix", ["module.encoder_q.", "base_encoder.", ""])
@@ -194,3 +198,27 @@ def test_epoch_plan_and_lr_schedule():
     assert lr_factor(2, 10, 4, [2]) == pytest.approx(0.5005)
     assert lr_factor(5, 10, 4, [2]) == 1.0
     assert lr_factor(20, 10, 4, [2]) == pytest.approx(0.1)
+
+
+def test_model_file_of_an_earlier_version_still_loads(trained, tmp_path):
+    """Model files written before save_model (plain torch.save, no completeness flag) load."""
+    root, backend = trained
+    saved = torch.load(root / "model.pt", weights_only=False)
+    saved.pop("checkpoint_complete")
+    torch.save(saved | {"cfg": saved["cfg"] | {"a_key_since_removed": 1}}, tmp_path / "old.pt")
+    model, info = backend.load(tmp_path / "old.pt")
+    assert info["num_classes"] == 3 and model.transform.min_size == (64,)
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_checkpoint_of_another_class_count_is_refused(trained, tmp_path):
+    root, backend = trained
+    data = read_json(root / "train.json")
+    data["categories"].append({"id": 3, "name": "cluster3"})
+    write_json(tmp_path / "train3.json", data)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "last.pt").write_bytes((root / "ckpt" / "last.pt").read_bytes())
+    with pytest.raises(ValueError, match="num_classes=3"):
+        backend.train(tmp_path / "train3.json", root / "images", tmp_path / "ckpt", tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()

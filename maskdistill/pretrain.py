@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,10 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from maskdistill.backbone import check_vit_name
-from maskdistill.config import section_defaults
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, ImageRecord, read_rgb
+from maskdistill.settings import PretrainSettings, as_config
 from maskdistill.storage import atomic_path, write_json
-from maskdistill.training import (
-    ProgressLog,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from maskdistill.training import Losses, TrainingRun, fit, seed_everything
 
 log = logging.getLogger("maskdistill")
 
@@ -285,20 +277,20 @@ class DinoSchedules:
     teacher_temp: np.ndarray
 
 
-def schedules(cfg: dict[str, Any], steps_per_epoch: int) -> DinoSchedules:
-    """Per-step learning rate, weight decay, teacher momentum and teacher temperature."""
-    epochs = int(cfg["epochs"])
-    total = epochs * steps_per_epoch
-    lr = float(cfg["lr"]) * int(cfg["batch_size"]) / 256.0
-    temp_warm = int(cfg["warmup_teacher_temp_epochs"]) * steps_per_epoch
+def schedules(s: PretrainSettings, steps_per_epoch: int, batch_size: int) -> DinoSchedules:
+    """Per-step learning rate (``s.lr`` scaled by ``batch_size / 256``), weight decay, teacher
+    momentum and teacher temperature."""
+    total = s.epochs * steps_per_epoch
+    lr = s.lr * batch_size / 256.0
+    temp_warm = s.warmup_teacher_temp_epochs * steps_per_epoch
     temps = np.concatenate([
-        np.linspace(float(cfg["warmup_teacher_temp"]), float(cfg["teacher_temp"]), temp_warm),
-        np.full(max(total - temp_warm, 0), float(cfg["teacher_temp"])),
+        np.linspace(s.warmup_teacher_temp, s.teacher_temp, temp_warm),
+        np.full(max(total - temp_warm, 0), s.teacher_temp),
     ])[:total]
     return DinoSchedules(
-        lr=cosine_schedule(lr, float(cfg["min_lr"]), total, int(cfg["warmup_epochs"]) * steps_per_epoch),
-        weight_decay=cosine_schedule(float(cfg["weight_decay"]), float(cfg["weight_decay_end"]), total),
-        momentum=cosine_schedule(float(cfg["momentum_teacher"]), 1.0, total),
+        lr=cosine_schedule(lr, s.min_lr, total, s.warmup_epochs * steps_per_epoch),
+        weight_decay=cosine_schedule(s.weight_decay, s.weight_decay_end, total),
+        momentum=cosine_schedule(s.momentum_teacher, 1.0, total),
         teacher_temp=temps,
     )
 
@@ -312,96 +304,109 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, cfg: dict[str, Any],
+@dataclass
+class DinoSteps:
+    """The steps of a DINO run, as hooks of :class:`maskdistill.training.TrainingRun`.
+
+    ``extra["curve"]`` collects one entry per epoch (mean losses, last lr and teacher momentum);
+    it is checkpointed with the run, so a resumed run returns the whole curve.
+    """
+
+    s: PretrainSettings
+    student: DinoModel
+    teacher: DinoModel
+    loss_fn: DinoLoss
+    optimizer: torch.optim.Optimizer
+    sched: DinoSchedules
+    steps_per_epoch: int
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=lambda: {"curve": []})
+
+    def set_schedules(self, step: int, _epoch: int) -> None:
+        """Learning rate and weight decay (not of biases and norms) of ``step``."""
+        for g, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.sched.lr[step])
+            if g == 0:
+                group["weight_decay"] = float(self.sched.weight_decay[step])
+
+    def loss(self, crops: list[Tensor], step: int) -> Losses:
+        """DINO loss of a multi-crop batch (plus the weighted KoLeo term); logs both."""
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:2])
+        student_out, student_cls = self.student(crops, return_cls=True)
+        dino = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[step]))
+        koleo = sum(koleo_loss(c) for c in student_cls[:2 * len(crops[0])].chunk(2))
+        weight = self.s.koleo_weight
+        total = dino + weight * koleo if weight > 0 else dino
+        return total, {"loss": dino.item(), "koleo": float(koleo.detach())}
+
+    def edit_gradients(self, _step: int, epoch: int) -> None:
+        """Clip the gradient norm; drop the prototypes' gradients while they are frozen."""
+        if self.s.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.s.clip_grad)
+        if epoch < self.s.freeze_last_layer:
+            for p in self.student.head.prototypes.parameters():
+                p.grad = None
+
+    def update_teacher(self, step: int, _epoch: int) -> None:
+        """The teacher's EMA step towards the student."""
+        ema_update(self.teacher, self.student, float(self.sched.momentum[step]))
+
+    def record_epoch(self, epoch: int, logged: list[dict[str, float]]) -> None:
+        """Append the epoch's mean losses to ``extra["curve"]``."""
+        last = (epoch + 1) * self.steps_per_epoch - 1
+        self.extra["curve"].append({
+            "epoch": epoch + 1, "step": last + 1,
+            "loss": float(np.mean([v["loss"] for v in logged])),
+            "koleo": float(np.mean([v["koleo"] for v in logged])),
+            "lr": float(self.sched.lr[last]), "teacher_momentum": float(self.sched.momentum[last])})
+
+
+def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, s: PretrainSettings,
                   device: torch.device, on_bad_image: str = "fail",
                   data_recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a ViT with DINO on ``records``; write the teacher backbone to ``out`` (safetensors)
     and its training curve next to it (``<out>.curve.json``). Resumes from ``checkpoint_dir``.
-    ``data_recipe`` (e.g. the demo generator's settings) is recorded in the weights' metadata."""
-    cfg = {**section_defaults("pretrain"), **cfg}
-    seed_everything(int(cfg["seed"]))
-    transform = MultiCrop(int(cfg["global_crop_size"]), int(cfg["local_crop_size"]), int(cfg["local_crops"]),
-                          tuple(cfg["global_scale"]), tuple(cfg["local_scale"]),
-                          tuple(cfg["color_jitter"]), float(cfg["grayscale_p"]), float(cfg["solarize_p"]))
+    ``data_recipe`` (e.g. the demo generator's settings) is recorded in the weights' metadata.
+
+    Returns the summary written to the curve file: arch, images, out_dim, skipped, steps, curve.
+    """
+    seed_everything(s.seed)
+    transform = MultiCrop(s.global_crop_size, s.local_crop_size, s.local_crops, s.global_scale,
+                          s.local_scale, s.color_jitter, s.grayscale_p, s.solarize_p)
     data = ImageCrops(records, transform, on_bad_image)
-    batch_size = min(int(cfg["batch_size"]), len(data))
+    batch_size = min(s.batch_size, len(data))
     steps_per_epoch = max(len(data) // batch_size, 1)
-    sched = schedules(dict(cfg, batch_size=batch_size), steps_per_epoch)
-    student, teacher = build_student_teacher(cfg["arch"], int(cfg["out_dim"]), float(cfg["drop_path"]),
-                                             int(cfg["head_hidden_dim"]), int(cfg["head_bottleneck_dim"]),
-                                             bool(cfg["head_batchnorm"]), bool(cfg["norm_last_layer"]))
+    sched = schedules(s, steps_per_epoch, batch_size)
+    student, teacher = build_student_teacher(s.arch, s.out_dim, s.drop_path, s.head_hidden_dim,
+                                             s.head_bottleneck_dim, s.head_batchnorm, s.norm_last_layer)
     student.to(device)
     teacher.to(device)
-    num_crops = 2 + int(cfg["local_crops"])
-    loss_fn = DinoLoss(int(cfg["out_dim"]), num_crops, float(cfg["student_temp"]),
-                       centering=str(cfg["centering"]),
-                       sinkhorn_iterations=int(cfg["sinkhorn_iterations"])).to(device)
-    koleo_weight = float(cfg["koleo_weight"])
+    loss_fn = DinoLoss(s.out_dim, 2 + s.local_crops, s.student_temp, centering=s.centering,
+                       sinkhorn_iterations=s.sinkhorn_iterations).to(device)
     optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)
-    curve: list[dict[str, float]] = []
-    start_epoch = 0
-    last = checkpoint_dir / "last.pt"
-    if last.is_file():
-        state = load_checkpoint(last)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        curve, start_epoch = state["curve"], int(state["epoch"])
-        log.info("resuming DINO pretraining from %s at epoch %d", last, start_epoch)
-    generator = torch.Generator().manual_seed(int(cfg["seed"]))
-    total = int(cfg["epochs"]) * steps_per_epoch
-    progress = ProgressLog(total, int(cfg["log_every"]), "dino")
-    for epoch in range(start_epoch, int(cfg["epochs"])):
-        generator.manual_seed(int(cfg["seed"]) * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                             collate_fn=_collate, generator=generator,
-                                             num_workers=int(cfg["num_workers"]))
-        student.train()
-        epoch_loss: list[float] = []
-        epoch_koleo: list[float] = []
-        for i, crops in enumerate(loader):
-            step = epoch * steps_per_epoch + i
-            for g, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(sched.lr[step])
-                if g == 0:
-                    group["weight_decay"] = float(sched.weight_decay[step])
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            with torch.no_grad():
-                teacher_out = teacher(crops[:2])
-            student_out, student_cls = student(crops, return_cls=True)
-            dino = loss_fn(student_out, teacher_out, float(sched.teacher_temp[step]))
-            koleo = sum(koleo_loss(c) for c in student_cls[:2 * len(crops[0])].chunk(2))
-            loss = dino + koleo_weight * koleo if koleo_weight > 0 else dino
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"DINO loss is {loss.item()} at step {step + 1}; lower pretrain.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if float(cfg["clip_grad"]) > 0:
-                nn.utils.clip_grad_norm_(student.parameters(), float(cfg["clip_grad"]))
-            if epoch < int(cfg["freeze_last_layer"]):
-                for p in student.head.prototypes.parameters():
-                    p.grad = None
-            optimizer.step()
-            ema_update(teacher, student, float(sched.momentum[step]))
-            losses = {"loss": dino.item(), "koleo": float(koleo.detach())}
-            epoch_loss.append(losses["loss"])
-            epoch_koleo.append(losses["koleo"])
-            progress.step(step + 1, epoch + 1, losses, float(sched.lr[step]))
-        curve.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                      "loss": float(np.mean(epoch_loss)), "koleo": float(np.mean(epoch_koleo)),
-                      "lr": float(sched.lr[step]),
-                      "teacher_momentum": float(sched.momentum[step])})
-        save_checkpoint(last, {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                               "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-                               "rng": rng_state(), "curve": curve, "epoch": epoch + 1})
-    export_backbone(teacher.backbone, out, {"arch": cfg["arch"], "epochs": str(cfg["epochs"]),
+    job = DinoSteps(s, student, teacher, loss_fn, optimizer, sched, steps_per_epoch, device)
+
+    def batches(epoch: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            data, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=_collate,
+            generator=torch.Generator().manual_seed(s.seed * 1000 + epoch), num_workers=s.num_workers)
+
+    result = fit(TrainingRun(
+        name="dino", model=student, optimizer=optimizer, epochs=s.epochs, steps_per_epoch=steps_per_epoch,
+        batches=batches, loss=job.loss, checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every,
+        state={"teacher": teacher, "loss": loss_fn}, extra=job.extra, before_step=job.set_schedules,
+        before_update=job.edit_gradients, after_step=job.update_teacher, after_epoch=job.record_epoch,
+        hint="; lower pretrain.lr"))
+    curve = job.extra["curve"]
+    export_backbone(teacher.backbone, out, {"arch": s.arch, "epochs": str(s.epochs),
                                             "images": str(len(data)),
-                                            "pretrain_config": json.dumps(cfg, sort_keys=True, default=str),
+                                            "pretrain_config": json.dumps(as_config(s), sort_keys=True,
+                                                                          default=str),
                                             "data_recipe": json.dumps(data_recipe or {}, sort_keys=True)})
-    summary = {"arch": cfg["arch"], "images": len(data), "out_dim": int(cfg["out_dim"]),
-               "skipped": data.skipped, "steps": total, "curve": curve}
+    summary = {"arch": s.arch, "images": len(data), "out_dim": s.out_dim, "skipped": data.skipped,
+               "steps": result.steps, "curve": curve}
     write_json(Path(str(out) + ".curve.json"), summary)
     return summary
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY, planned_rules, snakemake
 from PIL import Image
-from test_workflow import TINY, planned_rules, snakemake
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128-seg"
 pytestmark = pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not present")
@@ -39,13 +39,13 @@ def coco128(tmp_path_factory):
 def test_dry_run_plans_every_stage_on_real_photos(coco128):
     work, _ = coco128
     planned = planned_rules(snakemake(work, "-n"))
-    assert {"mine", "describe", "cluster", "train_detector", "pseudo_labels", "initial_labels",
+    assert {"mine", "cluster_features", "cluster", "train_detector", "pseudo_labels", "initial_labels",
             "train_segmentation", "predict_segmentation", "evaluate"} <= planned
     assert "make_demo" not in planned
 
 
 def test_mining_real_photos_gives_one_mask_per_image_at_full_size(coco128):
-    from maskdistill.images import list_split, shard_records
+    from maskdistill.datasets import list_coco_images, shard_records
     from maskdistill.storage import read_mask_shard
 
     work, val = coco128
@@ -59,6 +59,5 @@ def test_mining_real_photos_gives_one_mask_per_image_at_full_size(coco128):
         with Image.open(COCO128 / "images" / "train2017" / it.file_name) as im:
             assert it.mask.shape == (im.height, im.width)
         assert it.mask.any() and it.mask.mean() < 1.0
-    records = list_split({"images": str(COCO128 / "images" / "train2017"),
-                          "annotations": str(work / "val.json")})
+    records = list_coco_images(COCO128 / "images" / "train2017", work / "val.json")
     assert sum(len(shard_records(records, s, 4)) for s in range(4)) == len(items) == 8

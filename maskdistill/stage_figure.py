@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from maskdistill.evaluation import colourise, draw_panel_row, palette
 from maskdistill.images import read_rgb
+from maskdistill.report import colourise, draw_panel_row, palette
 from maskdistill.storage import (
     atomic_path,
     decode_segmentation,

@@ -14,9 +14,13 @@ from sklearn.cluster import MiniBatchKMeans
 
 from maskdistill.backbone import create_vit, patch_size
 from maskdistill.images import ImageRecord, pad_to_multiple, read_rgb, resized_hw, to_tensor
+from maskdistill.settings import VitSettings
 from maskdistill.storage import write_label_png
+from maskdistill.training import progress
 
 log = logging.getLogger("maskdistill")
+
+PATCHES_PER_IMAGE = 64  # patch features sampled from each train image to fit K-means
 
 
 @torch.inference_mode()
@@ -39,33 +43,38 @@ def labels_from_patches(patch_labels: np.ndarray, patch: int, resized: tuple[int
     return up[rows][:, cols].astype(np.uint8)
 
 
-def patch_kmeans_baseline(train: list[ImageRecord], evaluate: list[ImageRecord], out_dir: Path,
-                          backbone: dict[str, Any], short_side: int, num_clusters: int, seed: int = 0,
-                          patches_per_image: int = 64, device: torch.device | None = None) -> dict[str, Any]:
-    """Fit K-means (``num_clusters`` including background) on patch features sampled from the
-    train images; write each evaluated image's label map ``<key>.png`` (0..num_clusters-1)."""
-    if num_clusters > 255:
-        raise ValueError("patch K-means baseline: at most 255 clusters fit a label PNG")
-    device = device or torch.device("cpu")
-    model = create_vit(backbone["name"], backbone.get("pretrained", False), backbone.get("checkpoint"))
-    model.to(device)
-    rng = np.random.default_rng(seed)
+def sample_patch_features(model: torch.nn.Module, train: list[ImageRecord], short_side: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """(N, dim) patch features: up to :data:`PATCHES_PER_IMAGE` drawn by ``rng`` from each image."""
     sample = []
-    for rec in train:
+    for rec in progress(train, total=len(train), desc="patch K-means features"):
         feats = patch_features(model, read_rgb(rec.path), short_side).reshape(-1, model.num_features)
-        take = rng.choice(len(feats), min(patches_per_image, len(feats)), replace=False)
+        take = rng.choice(len(feats), min(PATCHES_PER_IMAGE, len(feats)), replace=False)
         sample.append(feats[take])
-    data = np.concatenate(sample)
-    if len(data) < num_clusters:
-        raise ValueError(f"patch K-means baseline: {len(data)} patches for {num_clusters} clusters")
-    kmeans = MiniBatchKMeans(num_clusters, random_state=seed, n_init=3, batch_size=1024).fit(data)
-    log.info("patch K-means: %d clusters on %d patches of %d images", num_clusters, len(data), len(train))
+    return np.concatenate(sample)
+
+
+def patch_kmeans_baseline(train: list[ImageRecord], target: list[ImageRecord], out_dir: Path,
+                          backbone: VitSettings, short_side: int, num_labels: int, seed: int,
+                          device: torch.device) -> dict[str, Any]:
+    """Fit K-means (``num_labels`` clusters, background included) on patch features sampled from
+    the ``train`` images; write each ``target`` image's label map ``out_dir/<key>.png``
+    (0..num_labels-1). Returns {"clusters", "patches", "images"}."""
+    if num_labels > 255:
+        raise ValueError("patch K-means baseline: at most 255 clusters fit a label PNG")
+    model = create_vit(backbone.name, backbone.pretrained, backbone.checkpoint)
+    model.to(device)
+    data = sample_patch_features(model, train, short_side, np.random.default_rng(seed))
+    if len(data) < num_labels:
+        raise ValueError(f"patch K-means baseline: {len(data)} patches for {num_labels} clusters")
+    kmeans = MiniBatchKMeans(num_labels, random_state=seed, n_init=3, batch_size=1024).fit(data)
+    log.info("patch K-means: %d clusters on %d patches of %d images", num_labels, len(data), len(train))
     patch = patch_size(model)
-    for rec in evaluate:
+    for rec in progress(target, total=len(target), desc="patch K-means labels"):
         rgb = read_rgb(rec.path)
         grid = patch_features(model, rgb, short_side)
         labels = kmeans.predict(grid.reshape(-1, grid.shape[-1])).reshape(grid.shape[:2])
         resized = resized_hw(rgb.shape[0], rgb.shape[1], short_side)
         label_map = labels_from_patches(labels, patch, resized, rgb.shape[:2])
-        write_label_png(out_dir / f"{rec.key}.png", label_map)
-    return {"clusters": num_clusters, "patches": int(len(data)), "images": len(evaluate)}
+        write_label_png(Path(out_dir) / f"{rec.key}.png", label_map)
+    return {"clusters": num_labels, "patches": int(len(data)), "images": len(target)}

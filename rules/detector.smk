@@ -9,9 +9,6 @@ rule train_detector:
     params:
         cfg=cfg("detector"),
         checkpoints=f"{RESULTS}/detector/checkpoints",
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
     log:
         "logs/train_detector.log",
     threads: 2
@@ -24,16 +21,14 @@ rule predict_detector:
     input:
         model=f"{RESULTS}/detector/model.pt",
         images=split_images,
+        skipped=INPUT_REPORT,
     output:
         f"{RESULTS}/detector/predictions_{{split}}.json",
     params:
         cfg=cfg("detector"),
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
     log:
         "logs/predict_detector/{split}.log",
     threads: 2
     shell:
         "maskdistill --threads {threads} predict-detector --config {params.cfg:q} --model {input.model}"
-        " --split {wildcards.split} --out {output} > {log} 2>&1"
+        " --split {wildcards.split} --skipped {input.skipped} --out {output} > {log} 2>&1"

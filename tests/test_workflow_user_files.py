@@ -23,14 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY, run_env, snakemake, write_config
 from test_datasets import make_coco, make_voc
-from test_workflow import REPO, TINY, snakemake, write_config
 
 from maskdistill.backbone import create_vit
 from maskdistill.config import ConfigError, check_references, validate_config
+from maskdistill.datasets import shard_of
 from maskdistill.demo import generate_demo
-from maskdistill.images import shard_of
-from maskdistill.plan import image_inputs, images_fingerprint, split_keys, workflow_outputs_outside
+from maskdistill.plan import image_inputs, images_fingerprint, make_plan, workflow_outputs_outside
+from maskdistill.settings import load_settings
 from maskdistill.storage import read_json
 from maskdistill.training import prepare_checkpoint_dir
 
@@ -106,7 +107,7 @@ def make_tree(root: Path, source: str) -> UserTree:
     _weights(owned)
     (root / "work").mkdir()
     if source == "images":
-        generate_demo(root / "drawn", validate_config(TINY)["dataset"]["demo"])
+        generate_demo(root / "drawn", load_settings(TINY).dataset.demo)
         shutil.move(root / "drawn" / "train" / "images", owned / "photos" / "train")
         shutil.move(root / "drawn" / "val" / "images", owned / "photos" / "val")
         (owned / "annotations").mkdir()
@@ -178,13 +179,12 @@ def test_a_users_images_are_fingerprinted_not_declared_and_the_demos_are_declare
 def test_dangling_links_stop_the_plan_under_fail_and_stay_listed_under_skip(tmp_path, source):
     tree = make_tree(tmp_path, source)
     links = [tree.dangle(split) for split in tree.images]
-    cfg = validate_config(tree.config("fail"))
     with pytest.raises((ValueError, FileNotFoundError)) as err:
-        split_keys(cfg)
+        make_plan(tree.config("fail"))
     assert str(links[0]) in str(err.value)
     if source == "images":
         assert "dangling symlink" in str(err.value) and "dataset.on_bad_image: skip" in str(err.value)
-    listed = split_keys(validate_config(tree.config("skip")))
+    listed = make_plan(tree.config("skip")).splits
     for split, link in zip(tree.images, links, strict=True):
         assert str(link) in [path for _, path in listed[split]]
 
@@ -278,7 +278,7 @@ def test_a_rule_that_names_a_users_file_as_output_stops_the_parse(tmp_path):
     snakefile = tmp_path / "Snakefile"
     snakefile.write_text(f'rule overwrite_photo:\n    output: "{photo}"\n    shell: "touch {{output}}"\n\n'
                          f'include: "{REPO / "Snakefile"}"\n')
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = run_env()
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(work), "-n",
                            "--cores", "1", "--configfile", str(work / "config.yaml")],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -334,7 +334,7 @@ def _when_first_mine_job_runs(proc: subprocess.Popen, work: Path, timeout: float
 def _start(tree: UserTree, cfg: dict, *args: str) -> subprocess.Popen:
     work = tree.root / "work"
     write_config(work, cfg)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = run_env()
     # one core: jobs run one after the other, so a job that has not started has not read its images
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
            "--configfile", str(work / "config.yaml"), "--cores", "1", *args]
@@ -354,7 +354,7 @@ def test_an_image_deleted_after_planning_and_before_its_job(tree, policy):
     proc = _start(tree, cfg, "results/input_report.json")
     running = _split_shard(_when_first_mine_job_runs(proc, work))
     # an image of a shard whose job has not started yet (one core: jobs run one at a time)
-    victim = next(Path(path) for split, pairs in split_keys(validate_config(cfg)).items()
+    victim = next(Path(path) for split, pairs in make_plan(cfg).splits.items()
                   for key, path in pairs if (split, shard_of(key, num_shards)) != running)
     victim.unlink()
     before = snapshot(tree.owned)

@@ -5,7 +5,7 @@
 # (skipped or failed per dataset.on_bad_image), never silently dropped. A changed image changes
 # its shard's params, so only that shard is listed and mined again.
 
-if config["dataset"]["source"] != "demo":
+if not DEMO:
 
     rule list_images:
         output:
@@ -24,7 +24,7 @@ rule mine:
     input:
         demo_outputs(),
         images=shard_images,
-        image_list=image_list(),
+        image_list=[] if DEMO else f"{RESULTS}/images/{{split}}/shard-{{shard}}.json",
         weights=pretrained_weights(),
     output:
         f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
@@ -32,9 +32,6 @@ rule mine:
         cfg=cfg("mining"),
         images=lambda wc: shard_digest(members(wc)),
         image_list=lambda wc, input: f"--image-list {input.image_list}" if input.image_list else "",
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
     log:
         "logs/mine/{split}-{shard}.log",
     threads: 2

@@ -10,14 +10,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from maskdistill import pretraining as P
+from maskdistill import pretrain as P
 from maskdistill.backbone import create_vit
 from maskdistill.images import ImageRecord
+from maskdistill.settings import section_settings
 
 TINY = {"arch": "vit_demo_patch8_128", "epochs": 2, "batch_size": 2, "lr": 0.001, "min_lr": 0.0,
         "warmup_epochs": 1, "out_dim": 32, "head_hidden_dim": 16, "head_bottleneck_dim": 8,
         "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2, "num_workers": 0,
         "log_every": 1, "seed": 3}
+TINY_SETTINGS = section_settings("pretrain", TINY)
 
 
 def test_loss_of_uniform_teacher_and_flat_student_is_log_dim():
@@ -135,7 +137,7 @@ def _images(tmp_path, n=4):
 def test_pretraining_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     records = _images(tmp_path)
-    full = P.pretrain_dino(records, tmp_path / "a.safetensors", tmp_path / "ckpt_a", TINY,
+    full = P.pretrain_dino(records, tmp_path / "a.safetensors", tmp_path / "ckpt_a", TINY_SETTINGS,
                            torch.device("cpu"))
     assert full["steps"] == 4 and len(full["curve"]) == 2
 
@@ -150,10 +152,11 @@ def test_pretraining_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_pat
 
     monkeypatch.setattr(P, "ema_update", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        P.pretrain_dino(records, tmp_path / "b.safetensors", tmp_path / "ckpt_b", TINY, torch.device("cpu"))
+        P.pretrain_dino(records, tmp_path / "b.safetensors", tmp_path / "ckpt_b", TINY_SETTINGS,
+                        torch.device("cpu"))
     assert not (tmp_path / "b.safetensors").exists()
     monkeypatch.setattr(P, "ema_update", real_ema)
-    resumed = P.pretrain_dino(records, tmp_path / "b.safetensors", tmp_path / "ckpt_b", TINY,
+    resumed = P.pretrain_dino(records, tmp_path / "b.safetensors", tmp_path / "ckpt_b", TINY_SETTINGS,
                               torch.device("cpu"))
     assert resumed["curve"] == full["curve"]
     a = create_vit(TINY["arch"], checkpoint=str(tmp_path / "a.safetensors")).state_dict()
@@ -166,7 +169,8 @@ def test_exported_teacher_loads_into_the_mining_backbone(tmp_path):
 
     records = _images(tmp_path, 2)
     out = tmp_path / "vit.safetensors"
-    P.pretrain_dino(records, out, tmp_path / "ckpt", dict(TINY, epochs=1), torch.device("cpu"))
+    P.pretrain_dino(records, out, tmp_path / "ckpt", section_settings("pretrain", dict(TINY, epochs=1)),
+                    torch.device("cpu"))
     stored = load_file(str(out))
     model = create_vit(TINY["arch"], checkpoint=str(out))
     assert not any(k.startswith("head") for k in stored)
@@ -176,7 +180,7 @@ def test_exported_teacher_loads_into_the_mining_backbone(tmp_path):
 
 def test_empty_image_list_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="at least one readable image"):
-        P.pretrain_dino([], tmp_path / "x.safetensors", tmp_path / "c", TINY, torch.device("cpu"))
+        P.pretrain_dino([], tmp_path / "x.safetensors", tmp_path / "c", TINY_SETTINGS, torch.device("cpu"))
 
 
 def test_demo_scenes_pretrains_on_more_generated_train_scenes_than_the_split(tmp_path, monkeypatch):
@@ -187,6 +191,7 @@ def test_demo_scenes_pretrains_on_more_generated_train_scenes_than_the_split(tmp
 
     monkeypatch.chdir(tmp_path)
     demo = {"num_train": 2, "num_val": 1, "image_size": 32, "min_objects": 1, "max_objects": 1, "seed": 5}
+    demo_settings = section_settings("dataset", {"source": "demo", "demo": demo}).demo
     cfg = json.dumps({"device": "cpu", "dataset": {"source": "demo", "demo": demo},
                       "pretrain": dict(TINY, epochs=1, batch_size=6, demo_scenes=6)})
     assert main(["make-demo", "--config", cfg, "--out", "results/demo"]) == 0
@@ -199,7 +204,7 @@ def test_demo_scenes_pretrains_on_more_generated_train_scenes_than_the_split(tmp
     first = np.asarray(Image.open(scenes[0]))
     split_scene = tmp_path / "results" / "demo" / "train" / "images" / scenes[0].name
     assert np.array_equal(first, np.asarray(Image.open(split_scene)))
-    assert np.array_equal(first, draw_scene(demo, "train", 0)[0])
+    assert np.array_equal(first, draw_scene(demo_settings, "train", 0)[0])
     # the weights record how their scenes were drawn, next to the DINO recipe
     from safetensors import safe_open
 

@@ -1,22 +1,22 @@
-# Stage 1b: CLS features of each mask's box crop (per shard), then one global K-means.
+# Stage 1b: CLS features of each mask's box crop (one job per shard), then one global K-means.
+
+# The clustering keys that the features depend on: a K-means setting does not rerun them.
+FEATURE_KEYS = ("backbone", "crop_size", "batch_size")
 
 
-rule describe:
+rule cluster_features:
     input:
         masks=f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
         weights=pretrained_weights(),
     output:
         f"{RESULTS}/features/{{split}}/shard-{{shard}}.h5",
     params:
-        cfg=cfg("clustering", only=DESCRIBE_KEYS),
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        cfg=cfg("clustering", only=FEATURE_KEYS),
     log:
-        "logs/describe/{split}-{shard}.log",
+        "logs/cluster_features/{split}-{shard}.log",
     threads: 2
     shell:
-        "maskdistill --threads {threads} describe --config {params.cfg:q} --split {wildcards.split}"
+        "maskdistill --threads {threads} cluster-features --config {params.cfg:q} --split {wildcards.split}"
         " --masks {input.masks} --out {output} > {log} 2>&1"
 
 
@@ -24,18 +24,15 @@ rule cluster:
     input:
         masks_train=shard_files("masks", "train"),
         features_train=shard_files("features", "train"),
-        masks_val=shard_files("masks", "val") if HAS_VAL else [],
-        features_val=shard_files("features", "val") if HAS_VAL else [],
+        masks_val=shard_files("masks", "val") if PLAN.has_val else [],
+        features_val=shard_files("features", "val") if PLAN.has_val else [],
     output:
         train=f"{RESULTS}/clusters/train.json",
-        val=f"{RESULTS}/clusters/val.json" if HAS_VAL else [],
+        val=f"{RESULTS}/clusters/val.json" if PLAN.has_val else [],
         model=f"{RESULTS}/clusters/kmeans.npz",
     params:
         cfg=cfg("clustering"),
-        out_val=lambda wc, output: f"--out-val {output.val}" if HAS_VAL else "",
-        version=VERSION,
-    conda:
-        "../envs/maskdistill.yaml"
+        out_val=lambda wc, output: f"--out-val {output.val}" if output.val else "",
     log:
         "logs/cluster.log",
     shell:

@@ -4,7 +4,6 @@ nothing upstream; new images rerun only the shards that receive them. Also: ever
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import subprocess
@@ -13,45 +12,21 @@ from pathlib import Path
 
 import h5py
 import pytest
-from test_workflow import REPO, TINY, planned_rules, snakemake, write_config
+from conftest import (
+    REPO,
+    TINY,
+    planned_jobs,
+    planned_rules,
+    run_env,
+    snakemake,
+    wildcard,
+    with_change,
+    write_config,
+)
 
-from maskdistill.config import validate_config
+from maskdistill.datasets import shard_of
 from maskdistill.demo import generate_demo
-from maskdistill.images import shard_of
-
-_RUNS: dict[str, Path] = {}
-
-
-def finished_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The working directory of one finished local run of ``TINY``, made once per test session.
-
-    Shared with tests/test_slurm.py (its reference run). Tests that change its config.yaml must
-    restore it; nothing here reruns a job in it.
-    """
-    if "tiny" not in _RUNS:
-        workdir = tmp_path_factory.mktemp("tiny-run")
-        write_config(workdir, TINY)
-        snakemake(workdir)
-        _RUNS["tiny"] = workdir
-    return _RUNS["tiny"]
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> list[dict[str, str]]:
-    """Jobs of a dry run (or of a run's log): rule, wildcards (as text), reason, local or not."""
-    jobs: list[dict[str, str]] = []
-    for line in (proc.stdout + proc.stderr).splitlines():
-        head = re.match(r"^(local)?rule (\w+):$", line)
-        if head:
-            jobs.append({"rule": head.group(2), "wildcards": "", "reason": "", "local": head.group(1) or ""})
-        elif jobs and line.startswith("    ") and ": " in line:
-            field, _, value = line.strip().partition(": ")
-            if field in ("wildcards", "reason"):
-                jobs[-1][field] = value
-    return jobs
-
-
-def wildcard(job: dict[str, str], name: str) -> str:
-    return dict(w.split("=", 1) for w in job["wildcards"].split(", ") if w)[name]
+from maskdistill.settings import load_settings
 
 
 def rule_graph(workdir: Path) -> dict[str, set[str]]:
@@ -75,17 +50,7 @@ def downstream(graph: dict[str, set[str]], roots: set[str]) -> set[str]:
     return seen
 
 
-def with_change(cfg: dict, dotted: str, value) -> dict:
-    out = copy.deepcopy(cfg)
-    *path, last = dotted.split(".")
-    node = out
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-    return out
-
-
-BEFORE_CLUSTER = {"make_demo", "mine", "describe"}
+BEFORE_CLUSTER = {"make_demo", "mine", "cluster_features"}
 BEFORE_PSEUDO = BEFORE_CLUSTER | {"cluster", "initial_labels", "train_detector", "predict_detector"}
 # key, new value, rules that must rerun for their params (Snakemake names params as the reason only
 # where no input changed too), rules that must not rerun (all upstream)
@@ -98,8 +63,8 @@ CHANGES = [
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = finished_tiny_run(tmp_path_factory)
+def tiny_run(finished_tiny_run):
+    workdir = finished_tiny_run
     assert planned_rules(snakemake(workdir, "-n")) == set(), "the finished run is not up to date"
     return workdir, rule_graph(workdir)
 
@@ -130,7 +95,7 @@ def test_config_change_reruns_its_readers_and_what_follows_only(tiny_run, key, v
 def image_run(tmp_path_factory):
     """A run on a folder of images (dataset.source: images), finished up to the clustering."""
     root = tmp_path_factory.mktemp("images-run")
-    generate_demo(root / "data", validate_config(TINY)["dataset"]["demo"])
+    generate_demo(root / "data", load_settings(TINY).dataset.demo)
     cfg = copy.deepcopy(TINY)
     cfg["dataset"] = {"source": "images", "num_shards": 2,
                       "train": {"images": str(root / "data" / "train" / "images")}}
@@ -153,7 +118,7 @@ def test_adding_an_image_reruns_only_its_shard_and_the_global_steps(image_run):
 
     shutil.copy(image_run / "data" / "val" / "images" / "scene_0000.png", images / f"{key}.png")
     jobs = planned_jobs(snakemake(image_run, "-n"))
-    for rule in ("mine", "describe"):
+    for rule in ("mine", "cluster_features"):
         assert [wildcard(j, "shard") for j in jobs if j["rule"] == rule] == [target], rule
     assert {"cluster", "train_detector", "predict_detector", "pseudo_labels"} <= {j["rule"] for j in jobs}
 
@@ -172,7 +137,9 @@ def missing_data(config: Path) -> list[str]:
     """Dataset paths of a config that do not exist (configs for real datasets need the data)."""
     import yaml
 
-    ds = validate_config(yaml.safe_load(config.read_text()))["dataset"]
+    from maskdistill.settings import as_config
+
+    ds = as_config(load_settings(yaml.safe_load(config.read_text())).dataset)
     if ds["source"] == "demo":
         return []
     section = ds["train"] if ds["source"] == "images" else ds[ds["source"]]
@@ -188,11 +155,10 @@ def test_dry_run_rulegraph_and_dag_work_on_every_config(config, tmp_path):
         pytest.skip(f"{config.name}: dataset not present here ({', '.join(absent)})")
     # Dataset paths in configs/*.yaml are relative to the repository, where users run them.
     workdir = tmp_path if config.name == "config.yaml" else REPO
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for args in (["-n"], ["--rulegraph"], ["--dag"]):
         proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
                                str(workdir), "--configfile", str(config), "--cores", "1", "--nolock", *args],
-                              capture_output=True, text=True, env=env, timeout=600)
+                              capture_output=True, text=True, env=run_env(), timeout=600)
         assert proc.returncode == 0, f"{config.name} {args}: {proc.stderr[-3000:]}"
         if args != ["-n"]:
             assert proc.stdout.lstrip().startswith("digraph"), args

@@ -1,0 +1,47 @@
+# Stage 5: Hungarian-matched mIoU of each stage on the evaluated split (val; COCO20k: its own
+# images), with a report and a figure, and mask AP of the Mask R-CNN predictions when the split has
+# COCO instances. Which stages are scored is the plan's (maskdistill.plan.Plan.eval_stages).
+
+
+rule evaluate:
+    input:
+        stages=list(PLAN.eval_stages.values()),
+        gt=PLAN.gt_instances or [],
+        skipped=INPUT_REPORT,
+        mask_ap=f"{RESULTS}/mask_ap.json" if PLAN.mask_ap else [],
+        probe=f"{RESULTS}/linear_probe/metrics.json" if PLAN.linear_probe else [],
+        quality=f"{RESULTS}/mask_quality.json" if PLAN.diagnostics else [],
+        stage_figure=f"{RESULTS}/stages.png" if PLAN.diagnostics else [],
+    output:
+        metrics=f"{RESULTS}/metrics.json",
+        report=f"{RESULTS}/report.md",
+        figure=f"{RESULTS}/report.png",
+        per_class=f"{RESULTS}/report_per_class.csv",  # written beside the report
+        stages=f"{RESULTS}/report_stages.csv",
+    params:
+        cfg=cfg("evaluation", "mining", "clustering"),
+        split=EVAL_SPLIT,
+        gt_semantic=f"--gt-semantic {shlex.quote(PLAN.gt_semantic)}" if PLAN.gt_semantic else "",
+        preds=" ".join(f"--pred {shlex.quote(f'{s}={d}')}" for s, d in PLAN.eval_stages.items()),
+        extras=lambda wc, input: (f" --mask-ap {input.mask_ap}" if input.mask_ap else "")
+        + (f" --linear-probe {input.probe}" if input.probe else "")
+        + (f" --mask-quality {input.quality}" if input.quality else ""),
+    log:
+        "logs/evaluate.log",
+    shell:
+        "maskdistill evaluate --config {params.cfg:q} --split {params.split} {params.gt_semantic}"
+        " {params.preds}{params.extras} --skipped {input.skipped} --out-metrics {output.metrics}"
+        " --out-report {output.report} --out-figure {output.figure} > {log} 2>&1"
+
+
+rule mask_ap:
+    input:
+        gt=PLAN.gt_instances or [],
+        predictions=f"{RESULTS}/detector/predictions_{EVAL_SPLIT}.json",
+    output:
+        f"{RESULTS}/mask_ap.json",
+    log:
+        "logs/mask_ap.log",
+    shell:
+        "maskdistill mask-ap --gt {input.gt:q} --predictions {input.predictions}"
+        " --setting both --out {output} > {log} 2>&1"

@@ -1,0 +1,36 @@
+# Stage 4: DeepLab-v3 trained on the pseudo-label PNGs (hard pixel mining), then predictions.
+
+
+rule train_segmentation:
+    input:
+        labels=f"{RESULTS}/pseudo_labels/train",
+        skipped=INPUT_REPORT,
+    output:
+        f"{RESULTS}/segmentation/model.pt",
+    params:
+        cfg=cfg("segmentation", "clustering"),
+        checkpoints=lambda wc, output: os.path.join(os.path.dirname(output[0]), "checkpoints"),
+    log:
+        "logs/train_segmentation.log",
+    threads: 2
+    shell:
+        "maskdistill --threads {threads} train-segmentation --config {params.cfg:q} --labels {input.labels}"
+        " --skipped {input.skipped} --checkpoint-dir {params.checkpoints} --out {output} > {log} 2>&1"
+
+
+rule predict_segmentation:
+    input:
+        model=f"{RESULTS}/segmentation/model.pt",
+        images=split_images,
+        skipped=INPUT_REPORT,
+    output:
+        directory(f"{RESULTS}/segmentation/predictions/{{split}}"),
+    params:
+        cfg=cfg("segmentation"),
+    log:
+        "logs/predict_segmentation/{split}.log",
+    threads: 2
+    shell:
+        "maskdistill --threads {threads} predict-segmentation --config {params.cfg:q}"
+        " --model {input.model} --split {wildcards.split} --skipped {input.skipped} --out {output}"
+        " > {log} 2>&1"

@@ -1,0 +1,140 @@
+"""Mask AP: Hungarian matching of clusters to categories, then pycocotools ``segm``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskdistill.storage import encode_rle, write_json
+
+
+def _rect(h: int, w: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _ann(i: int, image_id: int, cat: int, mask: np.ndarray, score: float | None = None) -> dict:
+    ys, xs = np.nonzero(mask)
+    a = {"id": i, "image_id": image_id, "category_id": cat, "segmentation": encode_rle(mask),
+         "area": int(mask.sum()), "iscrowd": 0,
+         "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                  float(ys.max() - ys.min() + 1)]}
+    if score is not None:
+        a["score"] = score
+    return a
+
+
+H, W = 40, 40
+# two images; GT categories 3 ("cat") and 7 ("dog")
+GT_MASKS = {
+    1: [(3, _rect(H, W, 2, 12, 2, 12)), (7, _rect(H, W, 20, 36, 20, 36))],
+    2: [(7, _rect(H, W, 5, 25, 5, 25))],
+}
+
+
+def _write_gt(tmp_path: Path) -> Path:
+    anns = [_ann(0, im, cat, m) for im, objs in GT_MASKS.items() for cat, m in objs]
+    for i, a in enumerate(anns):
+        a["id"] = i + 1
+    gt = {"images": [{"id": i, "file_name": f"im{i}.png", "height": H, "width": W} for i in GT_MASKS],
+          "annotations": anns, "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    write_json(tmp_path / "gt.json", gt)
+    return tmp_path / "gt.json"
+
+
+def _write_preds(tmp_path: Path, preds: list[dict], name: str = "pred.json") -> Path:
+    write_json(tmp_path / name, preds)
+    return tmp_path / name
+
+
+def test_mask_ap_perfect_and_swapped_cluster_ids_score_100(tmp_path):
+    from maskdistill.mask_ap import mask_ap
+
+    gt = _write_gt(tmp_path)
+    for cluster_of in ({3: 1, 7: 2}, {3: 2, 7: 1}):  # cluster ids in either order
+        preds = [_ann(0, im, cluster_of[cat], m, 0.9) for im, objs in GT_MASKS.items()
+                 for cat, m in objs]
+        r = mask_ap(gt, _write_preds(tmp_path, preds), "multi")
+        assert r["AP"] == pytest.approx(100.0) and r["AP50"] == pytest.approx(100.0)
+        assert r["mapping"] == {str(v): k for k, v in cluster_of.items()}
+
+
+def test_mask_ap_partial_overlap_counts_at_50_not_75(tmp_path):
+    from maskdistill.mask_ap import mask_ap
+
+    gt_mask = _rect(H, W, 0, 10, 0, 10)  # 100 pixels
+    pred = _rect(H, W, 0, 6, 0, 10)
+    pred[6, :2] = True  # 62 pixels inside the GT: IoU 0.62
+    gt = {"images": [{"id": 1, "file_name": "x.png", "height": H, "width": W}],
+          "annotations": [_ann(1, 1, 5, gt_mask)], "categories": [{"id": 5, "name": "thing"}]}
+    write_json(tmp_path / "gt.json", gt)
+    r = mask_ap(tmp_path / "gt.json", _write_preds(tmp_path, [_ann(0, 1, 1, pred, 0.8)]), "multi")
+    assert r["AP50"] == pytest.approx(100.0)
+    assert r["AP75"] == pytest.approx(0.0)
+    assert r["AP"] == pytest.approx(30.0)  # thresholds 0.50, 0.55, 0.60 of ten
+
+
+def test_mask_ap_equals_pycocotools_on_the_matched_results(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from maskdistill.mask_ap import mask_ap
+
+    gt = _write_gt(tmp_path)
+    rng = np.random.default_rng(0)
+    preds = []
+    for im, objs in GT_MASKS.items():
+        for cat, m in objs:  # jittered copies with cluster 1 = dog, 2 = cat, and a false positive
+            shift = int(rng.integers(-3, 4))
+            preds.append(_ann(0, im, {3: 2, 7: 1}[cat], np.roll(m, shift, axis=1),
+                              float(rng.uniform(0.3, 1.0))))
+        preds.append(_ann(0, im, 2, _rect(H, W, 30, 38, 0, 8), 0.5))
+    r = mask_ap(gt, _write_preds(tmp_path, preds), "multi")
+    assert r["mapping"] == {"1": 7, "2": 3}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt))
+        dets = coco.loadRes([dict(p, category_id={1: 7, 2: 3}[p["category_id"]]) for p in preds])
+        ev = COCOeval(coco, dets, iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert r["AP"] == pytest.approx(100 * ev.stats[0])
+    assert r["AP50"] == pytest.approx(100 * ev.stats[1])
+    assert 0 < r["AP"] < 100
+
+
+def test_single_object_setting_keeps_top_prediction_and_its_best_box_object(tmp_path):
+    from maskdistill.mask_ap import mask_ap, select_single
+    from maskdistill.storage import read_json
+
+    gt = _write_gt(tmp_path)
+    cat_m, dog_m = GT_MASKS[1][0][1], GT_MASKS[1][1][1]
+    preds = [_ann(0, 1, 1, dog_m, 0.95), _ann(0, 1, 2, cat_m, 0.4),
+             _ann(0, 2, 1, GT_MASKS[2][0][1], 0.7)]
+    single_gt, single_preds = select_single(read_json(gt), preds)
+    assert [p["score"] for p in single_preds] == [0.95, 0.7]
+    kept = {a["image_id"]: a["category_id"] for a in single_gt["annotations"]}
+    assert kept == {1: 7, 2: 7}  # image 1: the dog (box IoU 1 with the top prediction), not the cat
+    r = mask_ap(gt, _write_preds(tmp_path, preds), "single")
+    assert r["AP"] == pytest.approx(100.0) and r["num_gt_objects"] == 2 and r["num_predictions"] == 2
+    multi = mask_ap(gt, _write_preds(tmp_path, preds), "multi")
+    assert multi["AP"] == pytest.approx(100.0)  # cluster 2 -> cat, all three found
+
+
+def test_mask_ap_reads_detector_output_by_file_name(tmp_path):
+    from maskdistill.mask_ap import mask_ap
+
+    gt = _write_gt(tmp_path)
+    anns = [_ann(k, {1: 11, 2: 12}[im], {3: 1, 7: 2}[cat], m, 0.9)
+            for k, (im, objs) in enumerate(GT_MASKS.items()) for cat, m in objs]
+    det = {"images": [{"id": 11, "file_name": "im1.png"}, {"id": 12, "file_name": "im2.png"}],
+           "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}
+    write_json(tmp_path / "det.json", det)
+    assert mask_ap(gt, tmp_path / "det.json", "multi")["AP"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="setting"):
+        mask_ap(gt, tmp_path / "det.json", "both")

@@ -1,0 +1,68 @@
+"""HDF5 mask shards and atomic writes: damaged files are refused naming them, a killed writer leaves
+only a hidden temporary file that the next write removes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from maskdistill.storage import (
+    CorruptFileError,
+    MaskShardWriter,
+    MinedMask,
+    atomic_path,
+    read_mask_shard,
+)
+
+
+def _one_mask(key: str = "a") -> MinedMask:
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    return MinedMask(key=key, file_name=f"{key}.png", height=4, width=6, mask=mask, box=[2, 1, 5, 3],
+                     patch_mask=np.ones((1, 2), bool), cls_affinity=np.ones((1, 2), np.float32), seed=0)
+
+
+def _shard(path: Path, n: int = 200) -> Path:
+    with MaskShardWriter(path, {"backbone": "test"}) as w:
+        for i in range(n):
+            w.append(_one_mask(f"k{i}"))
+    return path
+
+
+def test_damaged_mask_shards_are_refused_naming_the_file(tmp_path):
+    good = _shard(tmp_path / "good.h5")
+    assert len(read_mask_shard(good)) == 200
+    raw = good.read_bytes()
+    cases = {
+        "truncated.h5": raw[: len(raw) // 2],
+        "header_only.h5": raw[:100],
+        "zero.h5": b"",
+        "noise.h5": np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes(),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    # a shard whose writer never finished: the complete flag is missing
+    with h5py.File(tmp_path / "no_flag.h5", "w") as h5:
+        h5.attrs["format_version"] = 1
+        h5.create_dataset("keys", data=np.array([b"a"]))
+    with h5py.File(tmp_path / "flag_false.h5", "w") as h5:
+        h5.attrs["format_version"] = 1
+        h5.attrs["complete"] = False
+    for name in [*cases, "no_flag.h5", "flag_false.h5"]:
+        with pytest.raises(CorruptFileError, match=name.replace(".", r"\.")):
+            read_mask_shard(tmp_path / name)
+
+
+def test_a_killed_writer_leaves_only_a_temp_file_that_the_next_write_removes(tmp_path):
+    target = tmp_path / "shard-000.h5"
+    with pytest.raises(RuntimeError), atomic_path(target, suffix=".tmp.h5") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    stale = tmp_path / ".shard-000.h5.abc123.tmp.h5"  # what SIGKILL leaves (no cleanup runs)
+    stale.write_bytes(b"partial")
+    _shard(target, n=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000.h5"]
