@@ -89,6 +89,8 @@ def _check_semantics(cfg: dict[str, Any]) -> None:
     lo, hi = cfg["segmentation"]["scale_range"]
     if lo > hi:
         raise ConfigError("config key 'segmentation.scale_range': first value exceeds the second")
+    if cfg["choose_k"]["k_min"] > cfg["choose_k"]["k_max"]:
+        raise ConfigError("config key 'choose_k.k_min': larger than k_max")
     lo, hi = cfg["detector"]["train_min_size"]
     if lo > hi:
         raise ConfigError("config key 'detector.train_min_size': first value exceeds the second")
@@ -111,6 +113,7 @@ _PATH_KEYS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("dataset.coco20k.annotations", "file", ("coco20k",)),
     ("linear_probe.train_labels", "dir", None),
     ("linear_probe.val_labels", "dir", None),
+    ("segment.images", "images", None),
 )
 _TIMM_KEYS = ("mining.backbone.name", "clustering.backbone.name", "pretrain.arch")
 

@@ -183,6 +183,31 @@ def _check_unique(records: list[ImageRecord], base: Path) -> None:
         seen[r.key] = r.path
 
 
+def records_from_paths(paths: Sequence[PathLike]) -> list[ImageRecord]:
+    """The images named on a command line: files, or folders searched recursively, sorted by key.
+
+    A folder's images are keyed by their path inside it (prefixed with the folder's name when more
+    than one path is given) and a file by its name without extension; a key given twice is an
+    error naming both files. Files are listed, not decoded (a broken one is met by the reader).
+    """
+    records: list[ImageRecord] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            prefix = f"{path.resolve().name}/" if len(paths) > 1 else ""
+            records += [ImageRecord(f"{prefix}{r.key}", r.path) for r in list_image_folder(path)]
+        elif path.is_symlink() or path.exists():
+            records.append(ImageRecord(key_of_file(path.name), path))
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {path}")
+    records.sort(key=lambda r: r.key)
+    _check_unique(records, Path("."))
+    if not records:
+        raise ValueError(f"no images found in {', '.join(map(str, paths))} "
+                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return records
+
+
 def without_skipped(records: list[ImageRecord], skipped_keys: set[str]) -> list[ImageRecord]:
     """The records whose key mining did not skip (policy ``skip``: later stages leave them out too)."""
     return [r for r in records if r.key not in skipped_keys]

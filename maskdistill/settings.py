@@ -233,6 +233,34 @@ class LinearProbeSettings(SgdSettings):
 
 
 @dataclass(frozen=True)
+class SegmentSettings:
+    images: str | None
+    batch_size: int
+    overlay_alpha: float
+
+
+@dataclass(frozen=True)
+class GallerySettings:
+    enabled: bool
+    samples: int
+    crop_size: int
+
+
+@dataclass(frozen=True)
+class ChooseKSettings:
+    enabled: bool
+    k_min: int
+    k_max: int
+    k_step: int
+    sample_size: int
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The k to try, k_min to k_max (inclusive) by k_step."""
+        return tuple(range(self.k_min, self.k_max + 1, self.k_step))
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every section of a validated config."""
 
@@ -247,6 +275,9 @@ class Settings:
     evaluation: EvaluationSettings
     crf: CrfSettings
     linear_probe: LinearProbeSettings
+    segment: SegmentSettings
+    gallery: GallerySettings
+    choose_k: ChooseKSettings
 
     @property
     def num_labels(self) -> int:
