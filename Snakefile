@@ -3,10 +3,20 @@
 # Each stage has one name, from its rule file to its command, module and config section.
 
 
-configfile: "config.yaml"
+# The embedded demo's settings (config.yaml beside this file) apply only when no --configfile is
+# given, whatever the working directory: a user's config starts from the schema defaults, which are
+# the paper's settings (README, "Your own images").
+if not workflow.config_settings.configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "rules/common.smk"
+
+
+# The HTML report's front page (snakemake --report FILE.html): this run's metrics once evaluate has
+# written them, else a description of the workflow.
+report: os.path.abspath(REPORT_FRONT) if os.path.exists(REPORT_FRONT) else "rules/report/workflow.rst"
 
 
 wildcard_constraints:
@@ -20,13 +30,16 @@ include: "rules/pretrain.smk"
 include: "rules/mining.smk"
 include: "rules/input_report.smk"
 include: "rules/clustering.smk"
+include: "rules/choose_k.smk"
 include: "rules/detector.smk"
 include: "rules/pseudo_labels.smk"
 include: "rules/segmentation.smk"
+include: "rules/segment.smk"
 include: "rules/crf.smk"
 include: "rules/linear_probe.smk"
 include: "rules/evaluation.smk"
 include: "rules/diagnostics.smk"
+include: "rules/gallery.smk"
 
 
 rule all:

@@ -33,7 +33,7 @@ class Command:
     handler: Handler
     help: str
     args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
-    settings: bool
+    settings: bool | str  # True: --config required; "optional"; False: none
 
 
 COMMANDS: dict[str, Command] = {}
@@ -45,8 +45,10 @@ def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 def command(name: str, help: str, *args: tuple[tuple[str, ...], dict[str, Any]],
-            settings: bool = True) -> Callable[[Handler], Handler]:
-    """Register the decorated handler as sub-command ``name`` with its arguments."""
+            settings: bool | str = True) -> Callable[[Handler], Handler]:
+    """Register the decorated handler as sub-command ``name`` with its arguments; ``settings`` says
+    whether it reads ``--config`` (True), may read it (``"optional"``: the schema defaults
+    otherwise) or takes none (False)."""
 
     def register(handler: Handler) -> Handler:
         COMMANDS[name] = Command(name, handler, help, args, settings)
@@ -160,6 +162,14 @@ def cmd_yolo_to_coco(a: argparse.Namespace, s: Settings) -> None:
     write_coco(Path(a.out), yolo_to_coco(Path(a.images), Path(a.labels), [n for n in names if n]))
 
 
+@command("config-reference", "print the Markdown reference of every config key (docs/configuration.md)",
+         settings=False)
+def cmd_config_reference(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.config import config_reference
+
+    print(config_reference(), end="")
+
+
 @command("check-config", "validate a config, check what it names exists, print it with defaults")
 def cmd_check_config(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.config import check_references
@@ -255,6 +265,20 @@ def cmd_cluster(a: argparse.Namespace, s: Settings) -> None:
     log.info("clusters: %s", json.dumps(summary))
 
 
+@command("choose-k", "K-means for a range of k on the train split's clustering features: inertia, "
+         "silhouette and a suggested k (settings: choose_k, clustering)",
+         arg("--features", nargs="+", required=True, help="feature shards (HDF5) of the train split"),
+         arg("--out-json", required=True), arg("--out-png", required=True), arg("--out-csv", required=True))
+def cmd_choose_k(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.choose_k import choose_k
+
+    summary = choose_k([Path(p) for p in a.features], s.choose_k.ks, s.clustering,
+                       sample_size=s.choose_k.sample_size, out_json=Path(a.out_json), out_png=Path(a.out_png),
+                       out_csv=Path(a.out_csv))
+    log.info("choose_k: suggested k = %s (%s), elbow at k = %s", summary["suggested_k"],
+             summary["rule"]["suggested_k"], summary["elbow_k"])
+
+
 # ---------------------------------------------------------------- stage 2-3: detector, pseudo-labels
 
 
@@ -319,6 +343,71 @@ def cmd_crf_refine(a: argparse.Namespace, s: Settings) -> None:
 
     n = refine_folder(_records(s, a.split, a.skipped), Path(a.labels), Path(a.out), s.crf)
     log.info("CRF-refined %d label maps of %s into %s", n, a.labels, a.out)
+
+
+# ---------------------------------------------------------------- segmenting new photos
+
+
+@command("segment", "segment new photos with a trained model: label PNGs, colour overlays, class areas "
+         "(settings: segment, segmentation.test_short_side, dataset.on_bad_image, device)",
+         arg("images", nargs="+", help="image files or folders (searched recursively)"),
+         arg("--model", required=True, help="a trained segmentation model.pt"),
+         arg("--metrics", help="an evaluation's metrics.json: name the classes after the ground-truth "
+                               "classes they were matched to"),
+         arg("--stage", default="segmentation", help="the stage of --metrics whose matching names them"),
+         OUT, settings="optional")
+def cmd_segment(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.datasets import records_from_paths
+    from maskdistill.segment import matched_class_names, segment_images
+    from maskdistill.segmentation import load_segmentation_model
+
+    names = None
+    if a.metrics:
+        _, num_labels = load_segmentation_model(Path(a.model), _device(s))
+        names = matched_class_names(Path(a.metrics), a.stage, num_labels)
+    summary = segment_images(Path(a.model), records_from_paths(a.images), Path(a.out), _device(s),
+                             short_side=s.segmentation.test_short_side, batch_size=s.segment.batch_size,
+                             class_names=names, on_bad_image=s.dataset.on_bad_image,
+                             overlay_alpha=s.segment.overlay_alpha)
+    log.info("segmented %d images (%d skipped) into %s", summary["images"], summary["skipped"], a.out)
+
+
+# ---------------------------------------------------------------- galleries
+
+
+def _matched(metrics: str | None, stage: str) -> dict:
+    from maskdistill.gallery import matched_classes
+
+    return matched_classes(Path(metrics), stage) if metrics else {}
+
+
+METRICS = arg("--metrics", help="an evaluation's metrics.json: rows name their matched class and IoU")
+
+
+@command("cluster-gallery", "figure: a row of the masks nearest each cluster's centre (settings: gallery)",
+         SPLIT, arg("--masks", nargs="+", required=True, help="the split's mask shards"),
+         arg("--features", nargs="+", required=True, help="the split's feature shards"),
+         arg("--kmeans", required=True, help="the K-means model (kmeans.npz)"), METRICS, OUT)
+def cmd_cluster_gallery(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.gallery import cluster_gallery
+
+    summary = cluster_gallery([Path(p) for p in a.masks], [Path(p) for p in a.features], Path(a.kmeans),
+                              _images_root(s, a.split), Path(a.out), samples=s.gallery.samples,
+                              crop_size=s.gallery.crop_size, matched=_matched(a.metrics, "initial_masks"))
+    log.info("cluster gallery of %d clusters: %s", summary["clusters"], a.out)
+
+
+@command("class-gallery", "figure: a row of the images where each predicted class covers most "
+         "(settings: gallery)", SPLIT,
+         arg("--predictions", required=True, help="folder of predicted label PNGs <key>.png"), SKIPPED,
+         METRICS, OUT)
+def cmd_class_gallery(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.gallery import class_gallery
+
+    summary = class_gallery(_records(s, a.split, a.skipped), Path(a.predictions), s.num_labels, Path(a.out),
+                            samples=s.gallery.samples, crop_size=s.gallery.crop_size,
+                            matched=_matched(a.metrics, "segmentation"))
+    log.info("class gallery of %d classes: %s", summary["classes"], a.out)
 
 
 # ---------------------------------------------------------------- stage 5: evaluation
@@ -494,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         if cmd.settings:
-            sp.add_argument("--config", required=True, help="inline JSON or a YAML/JSON file")
+            sp.add_argument("--config", required=cmd.settings is True, help="inline JSON or a YAML/JSON file"
+                            + ("" if cmd.settings is True else " (default: the schema defaults)"))
         for flags, kwargs in cmd.args:
             sp.add_argument(*flags, **kwargs)
     return parser
@@ -512,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        cmd.handler(args, read_settings(args.config) if cmd.settings else load_settings())
+        config = getattr(args, "config", None)
+        cmd.handler(args, read_settings(config) if config else load_settings())
     except (ConfigError, OSError, ValueError, RuntimeError) as err:
         log.error("%s", err)
         print(f"maskdistill {args.command}: error: {err}", file=sys.stderr)

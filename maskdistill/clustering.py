@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,11 @@ def fit_kmeans(features: np.ndarray, s: ClusteringSettings) -> dict[str, np.ndar
     mean, std = features.mean(0), features.std(0)
     km = MiniBatchKMeans(n_clusters=k, batch_size=s.kmeans_batch_size, n_init=s.n_init,
                          random_state=s.seed)
+    log.info("K-means: %d centroids on %d features of %d dimensions, %d restarts", k, len(features),
+             features.shape[1], s.n_init)
+    start = time.perf_counter()
     km.fit(whiten(features, mean, std))
+    log.info("K-means fitted in %.1f s (%d iterations)", time.perf_counter() - start, km.n_iter_)
     return {"mean": mean, "std": std, "centroids": km.cluster_centers_.astype(np.float32)}
 
 
@@ -132,7 +137,8 @@ def cluster_splits(mask_shards: dict[str, list[Path]], feature_shards: dict[str,
     (``out_jsons[split]``) and the model (``out_model``, npz); returns the cluster sizes per split."""
     feats: dict[str, tuple[list[str], np.ndarray]] = {}
     for split, paths in feature_shards.items():
-        parts = [read_features(p) for p in paths]
+        parts = [read_features(p) for p in progress(paths, total=len(paths), desc=f"{split} features",
+                                                     unit="shard")]
         keys = [k for ks, _ in parts for k in ks]
         feats[split] = (keys, np.concatenate([f for _, f in parts]))
     model = fit_kmeans(feats["train"][1], s)

@@ -204,3 +204,79 @@ def weight_notes(cfg: dict[str, Any]) -> list[str]:
                       "pipeline runs, not that the method works")
         notes.append(f"{stage} ViT `{bb['name']}`: {source}")
     return notes
+
+
+# ---------------------------------------------------------------- the reference, from the schema
+
+_REFERENCE_INTRO = """# Configuration reference
+
+Generated from `maskdistill/schemas/config.schema.yaml` by `uv run maskdistill config-reference >
+docs/configuration.md` (a test fails when the two differ). The defaults are the paper's settings;
+`config.yaml` (the demo) applies only when no `--configfile` is given. Unknown keys and bad values
+stop the workflow before any job, naming the key; `uv run maskdistill check-config --config my.yaml`
+checks a config and prints it with every default filled in.
+"""
+
+
+def config_reference() -> str:
+    """The Markdown reference of every config key: one table per section (key, type, default, what it
+    does), from the schema's types, defaults and descriptions."""
+    schema = load_schema()
+    lines = [_REFERENCE_INTRO]
+    top = [(k, v) for k, v in schema["properties"].items() if _resolved(schema, v).get("type") != "object"]
+    if top:
+        lines += ["## Top level", "", *_key_table(schema, top, ""), ""]
+    for name, node in schema["properties"].items():
+        if _resolved(schema, node).get("type") == "object":
+            lines += _section(schema, name, node, 2)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _resolved(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        return {**schema["$defs"][node["$ref"].rsplit("/", 1)[-1]], **node}
+    return node
+
+
+def _is_section(schema: dict[str, Any], node: dict[str, Any]) -> bool:
+    """A nested object with keys of its own (a ViT setting is shown as one value instead)."""
+    node = _resolved(schema, node)
+    return node.get("type") == "object" and "properties" in node and "required" not in node
+
+
+def _section(schema: dict[str, Any], dotted: str, node: dict[str, Any], level: int) -> list[str]:
+    node = _resolved(schema, node)
+    lines = ["#" * level + f" `{dotted}`", ""]
+    if node.get("description"):
+        lines += [" ".join(node["description"].split()), ""]
+    keys = [(k, v) for k, v in node["properties"].items() if not _is_section(schema, v)]
+    if keys:
+        lines += [*_key_table(schema, keys, dotted), ""]
+    for key, sub in node["properties"].items():
+        if _is_section(schema, sub):
+            lines += _section(schema, f"{dotted}.{key}", sub, level + 1)
+    return lines
+
+
+def _key_table(schema: dict[str, Any], keys: list[tuple[str, dict[str, Any]]], prefix: str) -> list[str]:
+    rows = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    for key, node in keys:
+        full = _resolved(schema, node)
+        name = f"{prefix}.{key}" if prefix else key
+        rows.append(f"| `{name}` | {_type_of(full)} | `{json.dumps(full.get('default'))}` | "
+                    f"{' '.join(str(full.get('description', '')).split()).replace('|', '/')} |")
+    return rows
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    if "enum" in node:
+        return " / ".join(f"`{v}`" for v in node["enum"])
+    kinds = node.get("type", "object")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    text = " or ".join(str(k) for k in kinds)
+    bounds = [f"≥ {node['minimum']}" if "minimum" in node else "",
+              f"> {node['exclusiveMinimum']}" if "exclusiveMinimum" in node else "",
+              f"≤ {node['maximum']}" if "maximum" in node else "",
+              f"< {node['exclusiveMaximum']}" if "exclusiveMaximum" in node else ""]
+    bounds = [b for b in bounds if b]
+    return text + (f" ({', '.join(bounds)})" if bounds else "")

@@ -51,6 +51,7 @@ from maskdistill.storage import (
     read_label_png,
     write_json,
 )
+from maskdistill.training import progress
 
 log = logging.getLogger("maskdistill")
 PathLike = str | os.PathLike[str]
@@ -339,7 +340,8 @@ def voc_instances(root: PathLike, split: str = "val") -> dict[str, Any]:
     _name_missing([obj_dir / f"{n}.png" for n in names], f"VOC '{split}' SegmentationObject PNGs")
     _name_missing([cls_dir / f"{n}.png" for n in names], f"VOC '{split}' SegmentationClass PNGs")
     images, annotations = [], []
-    for name, image_id in sorted(zip(names, voc_image_ids(names), strict=True)):
+    pairs = sorted(zip(names, voc_image_ids(names), strict=True))
+    for name, image_id in progress(pairs, total=len(pairs), desc=f"VOC {split} instances"):
         obj = read_label_png(obj_dir / f"{name}.png")
         cls = read_label_png(cls_dir / f"{name}.png")
         height, width = _voc_image_hw(jpegs / f"{name}.jpg", obj.shape)

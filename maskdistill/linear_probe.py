@@ -25,7 +25,7 @@ from maskdistill.metrics import confusion_matrix, miou_after_matching
 from maskdistill.segmentation import SegmentationDataset, load_segmentation_model, predict_label_map
 from maskdistill.settings import CrfSettings, LinearProbeSettings, as_config
 from maskdistill.storage import IGNORE_LABEL, read_label_png
-from maskdistill.training import Losses, TrainingRun, fit, load_model, save_model, seed_everything
+from maskdistill.training import Losses, TrainingRun, fit, load_model, progress, save_model, seed_everything
 
 log = logging.getLogger("maskdistill")
 
@@ -137,7 +137,7 @@ def evaluate_probe(probe: LinearProbe, records: list[ImageRecord], labels_dir: P
         raise ValueError(f"the probe predicts {probe.num_classes} classes but {n} class names given")
     conf = np.zeros((n, n), dtype=np.int64)
     conf_crf = np.zeros((n, n), dtype=np.int64)
-    for rec in records:
+    for rec in progress(records, total=len(records), desc="linear probe val"):
         gt = read_label_png(Path(labels_dir) / f"{rec.key}.png")
         rgb = read_rgb(rec.path)
         if gt.shape != rgb.shape[:2]:

@@ -28,6 +28,7 @@ from maskdistill.storage import (
     read_json,
     read_mask_shard,
 )
+from maskdistill.training import progress
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,7 +59,7 @@ def mined_mask_quality(mask_shards: Sequence[Path], gt_instances: Path) -> dict[
     gt = _gt_objects(read_json(gt_instances))
     mined = {m.key: m for shard in mask_shards for m in read_mask_shard(shard)}
     ious, hits, rows = [], [], []
-    for key in sorted(gt):
+    for key in progress(sorted(gt), total=len(gt), desc="mask quality"):
         objects = gt[key]
         if not objects:
             continue

@@ -17,7 +17,7 @@ from typing import Any
 
 import maskdistill
 from maskdistill.config import LOGS, RESULTS, check_references, fingerprint, validate_config
-from maskdistill.datasets import DatasetSource, dataset_source, shard_of
+from maskdistill.datasets import DatasetSource, dataset_source, records_from_paths, shard_of
 from maskdistill.images import file_problem
 from maskdistill.settings import Settings, build
 
@@ -28,6 +28,7 @@ from maskdistill.settings import Settings, build
 _MAX_NAMED = 5  # unreadable images named in a planning error before "... and N more"
 PRETRAINED = f"{RESULTS}/pretrain/backbone.safetensors"
 INPUT_REPORT = f"{RESULTS}/input_report.json"
+SEGMENTED = f"{RESULTS}/segment"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Plan:
     splits: dict[str, list[tuple[str, str]]]  # split -> planned (key, image path)
     shards: tuple[str, ...]
     probe_labels: dict[str, str | None] = field(default_factory=dict)
+    segment_images: list[tuple[str, str]] = field(default_factory=list)  # segment.images, planned
 
     @property
     def has_val(self) -> bool:
@@ -118,11 +120,18 @@ class Plan:
     def targets(self) -> list[str]:
         """What ``snakemake`` makes by default: every split segmented, the input report and, with
         ground truth, the metrics and the report."""
-        targets = [f"{RESULTS}/segmentation/predictions/{split}" for split in ("train", "val")
-                   if split in self.splits]
+        splits = [split for split in ("train", "val") if split in self.splits]
+        targets = [f"{RESULTS}/segmentation/predictions/{split}" for split in splits]
         targets.append(INPUT_REPORT)
+        if self.settings.gallery.enabled:
+            targets += [f"{RESULTS}/{stage}/gallery_{split}.jpg" for stage in ("clusters", "segmentation")
+                        for split in splits]
+        if self.segment_images:
+            targets.append(SEGMENTED)
+        if self.settings.choose_k.enabled:
+            targets.append(f"{RESULTS}/choose_k/choose_k.png")
         if self.has_gt:
-            targets += [f"{RESULTS}/metrics.json", f"{RESULTS}/report.md"]
+            targets += [f"{RESULTS}/metrics.json", f"{RESULTS}/report.md", f"{RESULTS}/report.rst"]
         return targets
 
 
@@ -150,7 +159,12 @@ def make_plan(raw: dict[str, Any]) -> Plan:
     if plan.linear_probe and not all(labels.values()):
         raise ValueError("config key 'linear_probe.train_labels' / 'linear_probe.val_labels': set the "
                          "folders of ground-truth label PNGs for the linear probe")
-    return Plan(config, settings, source, splits, shards, labels)
+    segment = []
+    if settings.segment.images:  # new photos to segment: planned like a split's images
+        segment = [(r.key, str(r.path)) for r in records_from_paths([settings.segment.images])]
+        if settings.dataset.on_bad_image == "fail":
+            _refuse_unreadable(segment, "segment.images")
+    return Plan(config, settings, source, splits, shards, labels, segment)
 
 
 def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:

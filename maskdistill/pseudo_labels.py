@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from maskdistill.storage import decode_segmentation, write_label_png
+from maskdistill.training import progress
 
 
 def select_confident(anns: list[dict[str, Any]], tau: float) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ def write_label_maps(instances: dict[str, Any], out_dir: Path, tau: float) -> di
     for a in instances["annotations"]:
         by_image[a["image_id"]].append(a)
     kept = 0
-    for im in instances["images"]:
+    for im in progress(instances["images"], total=len(instances["images"]), desc="label maps"):
         anns = by_image.get(im["id"], [])
         labels = label_map(im, anns, tau)
         kept += len(select_confident(anns, tau))

@@ -294,9 +294,46 @@ def report_markdown(metrics: Mapping[str, Any], stages: Sequence[str], notes: Se
     return "\n".join(lines)
 
 
+def front_page_rst(metrics: Mapping[str, Any], stages: Sequence[str], notes: Sequence[str]) -> str:
+    """The front page of the workflow's HTML report (reStructuredText): what the run is, the mIoU
+    and pixel accuracy of every stage, mask AP and the linear probe when they were measured."""
+    meta = metrics["meta"]
+    lines = ["MaskDistill: unsupervised semantic segmentation by distilling object masks from a "
+             "self-supervised vision transformer. No stage reads a label; ground truth only scores them.",
+             "", f"**This run**: {meta['num_images']} evaluated images, {meta['num_pred']} predicted labels "
+             f"matched to {meta['num_gt']} ground-truth classes. Values in %.", "",
+             ".. list-table:: mIoU per stage", "   :header-rows: 1", "",
+             "   * - stage", "     - mIoU", "     - pixel accuracy"]
+    for stage in stages:
+        lines += [f"   * - {stage}", f"     - {metrics[stage]['miou']:.1f}",
+                  f"     - {metrics[stage]['pixel_accuracy']:.1f}"]
+    ap = metrics.get("mask_ap")
+    if isinstance(ap, dict):
+        parts = [f"{setting}-object AP50 {_fmt(ap[setting].get('AP50'))}" for setting in ("multi", "single")
+                 if isinstance(ap.get(setting), dict)]
+        lines += ["", f"Mask AP of the Mask R-CNN predictions: {', '.join(parts)}."]
+    probe = metrics.get("linear_probe")
+    if isinstance(probe, dict) and "miou" in probe:
+        crf = f", with CRF {probe['miou_crf']:.1f}" if probe.get("miou_crf") is not None else ""
+        lines += ["", f"Linear probe (ground-truth labels, frozen model): mIoU {probe['miou']:.1f}{crf}."]
+    lines += ["", *[f"- {note}" for note in notes]]
+    lines += ["", "The **Metrics** category holds these tables per class and the examples; the other "
+              "categories show each stage on a few images, what each cluster and class is, and the "
+              "images that could not be read."]
+    return "\n".join(lines).replace("{", "(").replace("}", ")") + "\n"  # the report renders it with Jinja
+
+
+def front_page_path(out_report: Path) -> Path:
+    """Where the HTML report's front page goes: ``<stem>.rst`` beside the Markdown report."""
+    return Path(out_report).with_suffix(".rst")
+
+
 def write_report(out_report: Path, out_figure: Path, metrics: Mapping[str, Any], stages: Sequence[str],
                  notes: Sequence[str]) -> None:
-    """Write ``out_report`` (Markdown) and its tables as CSV beside it (see :func:`table_paths`)."""
+    """Write ``out_report`` (Markdown), its tables as CSV beside it (see :func:`table_paths`) and the
+    HTML report's front page (:func:`front_page_path`)."""
+    with atomic_path(front_page_path(out_report)) as tmp:
+        tmp.write_text(front_page_rst(metrics, stages, notes))
     per_class_csv, stages_csv = table_paths(out_report)
     write_csv(per_class_table(metrics, stages), per_class_csv)
     write_csv(stage_table(metrics, stages), stages_csv)

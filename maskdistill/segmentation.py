@@ -22,7 +22,7 @@ from maskdistill.backbone import load_resnet_weights
 from maskdistill.images import ImageRecord, read_rgb, resized_hw, to_tensor
 from maskdistill.settings import SegmentationSettings, as_config, stored_settings
 from maskdistill.storage import IGNORE_LABEL, read_label_png, write_label_png
-from maskdistill.training import Losses, TrainingRun, fit, load_model, save_model, seed_everything
+from maskdistill.training import Losses, TrainingRun, fit, load_model, progress, save_model, seed_everything
 
 log = logging.getLogger("maskdistill")
 
@@ -296,22 +296,19 @@ def predict_label_map(model: nn.Module, rgb: np.ndarray, device: torch.device,
 
 def predict_segmentation(model_path: Path, records: list[ImageRecord], out_dir: Path,
                          device: torch.device, short_side: int | None = None, *,
-                         resume: bool = False, log_every: int = 50) -> None:
+                         resume: bool = False) -> None:
     """Write ``{out_dir}/{key}.png`` label maps, predicted with the shorter image side at
     ``short_side`` (None: the original size); with ``resume`` skip images already written."""
     model, _ = load_segmentation_model(Path(model_path), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = skipped = 0
-    n = len(records)
-    for i, rec in enumerate(records, 1):
+    for rec in progress(records, total=len(records), desc="segmentation predictions"):
         target = label_path(out_dir, rec.key)
         if resume and target.is_file():
             skipped += 1
             continue
         write_label_png(target, predict_label_map(model, read_rgb(rec.path), device, short_side))
         done += 1
-        if i % max(1, log_every) == 0 or i == n:
-            log.info("segmentation predictions %d/%d (%d skipped)", i, n, skipped)
     log.info("wrote %d label maps to %s (%d already there)", done, out_dir, skipped)
 

@@ -8,7 +8,7 @@ from snakemake.utils import min_version
 
 from maskdistill.config import ConfigError
 from maskdistill.datasets import write_image_list
-from maskdistill.plan import (INPUT_REPORT, RESULTS, image_inputs, images_fingerprint, make_plan,
+from maskdistill.plan import (INPUT_REPORT, RESULTS, SEGMENTED, image_inputs, images_fingerprint, make_plan,
                               rule_config, shard_digest, workflow_outputs_outside)
 
 min_version("9.0")
@@ -22,6 +22,7 @@ SPLITS = PLAN.splits
 SETTINGS = PLAN.settings
 DEMO = SETTINGS.dataset.source == "demo"
 EVAL_SPLIT = PLAN.eval_split
+REPORT_FRONT = f"{RESULTS}/report.rst"
 
 
 def members(wildcards):
@@ -67,6 +68,11 @@ def shard_files(kind, split):
 def split_shard_files(kind):
     """Input function: the shard files of the job's split."""
     return lambda wc: shard_files(kind, wc.split)
+
+
+def matched_metrics(wildcards):
+    """The evaluation whose matching names a gallery's rows (the evaluated split, with ground truth)."""
+    return f"{RESULTS}/metrics.json" if PLAN.has_gt and wildcards.split == EVAL_SPLIT else []
 
 
 def cfg(*sections, only=()):

@@ -41,7 +41,7 @@ rule stage_figure:
         segmentation=f"{RESULTS}/segmentation/predictions/{EVAL_SPLIT}",
         skipped=INPUT_REPORT,
     output:
-        f"{RESULTS}/stages.png",
+        report(f"{RESULTS}/stages.png", caption="report/stages.rst", category="Figures"),
     params:
         cfg=cfg("pseudo_labels", "evaluation"),
         gt=f"--ground-truth {RESULTS}/demo/{EVAL_SPLIT}/semantic" if DEMO else "",

@@ -15,9 +15,12 @@ rule evaluate:
     output:
         metrics=f"{RESULTS}/metrics.json",
         report=f"{RESULTS}/report.md",
-        figure=f"{RESULTS}/report.png",
-        per_class=f"{RESULTS}/report_per_class.csv",  # written beside the report
-        stages=f"{RESULTS}/report_stages.csv",
+        figure=report(f"{RESULTS}/report.png", caption="report/examples.rst", category="Metrics"),
+        # the report's tables, written beside it
+        per_class=report(f"{RESULTS}/report_per_class.csv", caption="report/per_class.rst",
+                         category="Metrics"),
+        stages=report(f"{RESULTS}/report_stages.csv", caption="report/metrics.rst", category="Metrics"),
+        front=REPORT_FRONT,  # the HTML report's front page (Snakefile: report)
     params:
         cfg=cfg("evaluation", "mining", "clustering"),
         split=EVAL_SPLIT,

@@ -10,7 +10,7 @@ rule input_report:
     output:
         json=INPUT_REPORT,
         md=f"{RESULTS}/input_report.md",
-        csv=f"{RESULTS}/input_report.csv",  # written beside the Markdown
+        csv=report(f"{RESULTS}/input_report.csv", caption="report/input_report.rst", category="Input"),
     params:
         cfg=cfg(),
     log:

@@ -57,7 +57,11 @@ def test_the_demo_plans_every_stage_with_the_diagnostics_first():
     assert plan.eval_stages["maskrcnn"] == "results/pseudo_labels/val"
     assert plan.targets() == ["results/segmentation/predictions/train",
                               "results/segmentation/predictions/val", "results/input_report.json",
-                              "results/metrics.json", "results/report.md"]
+                              "results/clusters/gallery_train.jpg", "results/clusters/gallery_val.jpg",
+                              "results/segmentation/gallery_train.jpg",
+                              "results/segmentation/gallery_val.jpg",
+                              "results/metrics.json", "results/report.md", "results/report.rst"]
+    assert "results/choose_k/choose_k.png" in make_plan({"choose_k": {"enabled": True}}).targets()
     assert plan.splits["val"][0] == ("scene_0000", "results/demo/val/images/scene_0000.png")
 
 
@@ -78,7 +82,8 @@ def test_pretraining_points_mining_and_clustering_at_its_weights():
 
 
 def test_a_train_folder_alone_is_segmented_but_not_evaluated(tmp_path):
-    plan = make_plan({"dataset": {"source": "images", "train": {"images": str(_images(tmp_path / "a"))}}})
+    plan = make_plan({"dataset": {"source": "images", "train": {"images": str(_images(tmp_path / "a"))}},
+                      "gallery": {"enabled": False}})
     assert list(plan.splits) == ["train"] and not plan.has_gt and not plan.mask_ap
     assert plan.targets() == ["results/segmentation/predictions/train", "results/input_report.json"]
 
@@ -125,6 +130,7 @@ def test_coco20k_is_one_split_evaluated_on_itself(tmp_path):
     plan = make_plan({"dataset": {"source": "coco20k", "coco20k": paths}})
     assert list(plan.splits) == ["train"] and plan.eval_split == "train" and plan.has_gt
     assert plan.gt_instances == "results/gt/coco20k.json"
-    assert plan.targets()[:2] == ["results/segmentation/predictions/train", "results/input_report.json"]
+    assert plan.targets()[:3] == ["results/segmentation/predictions/train", "results/input_report.json",
+                                  "results/clusters/gallery_train.jpg"]
     unlabelled = make_plan({"dataset": {"source": "coco20k", "coco20k": {**paths, "annotations": None}}})
     assert not unlabelled.has_gt and "results/metrics.json" not in unlabelled.targets()

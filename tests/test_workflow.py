@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import TINY, copy_run, planned_rules, snakemake, write_config
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,11 @@ def test_kmeans_change_reruns_clustering_and_after_but_no_mining(finished_run, t
     cfg["clustering"]["seed"] = 7
     write_config(finished_run, cfg)
     planned = planned_rules(snakemake(finished_run, "-n"))
-    # patch_kmeans reads clustering.seed too (its K-means); mask_ap and stage_figure follow the detector
+    # patch_kmeans reads clustering.seed too (its K-means); mask_ap and stage_figure follow the detector,
+    # the galleries the clusters and the segmentation
     assert planned == {"cluster", "train_detector", "predict_detector", "pseudo_labels",
                        "initial_labels", "train_segmentation", "predict_segmentation", "evaluate",
-                       "patch_kmeans", "mask_ap", "stage_figure", "all"}
+                       "patch_kmeans", "mask_ap", "stage_figure", "cluster_gallery", "class_gallery", "all"}
     snakemake(finished_run)
     assert {p: p.stat().st_mtime_ns for p in shards + feats} == before
     assert planned_rules(snakemake(finished_run, "-n")) == set()
@@ -74,3 +76,32 @@ def test_workflow_is_lint_clean(tmp_path):
 
 
 # The SLURM profile's dry run (GPU rules on GPUs, shards as jobs) is in tests/test_workflow_slurm.py.
+
+
+def test_the_galleries_of_clusters_and_classes_are_drawn(finished_run):
+    for figure in ("clusters/gallery_train.jpg", "clusters/gallery_val.jpg", "segmentation/gallery_train.jpg",
+                   "segmentation/gallery_val.jpg"):
+        with Image.open(finished_run / "results" / figure) as im:
+            assert im.width > 300 and im.height > 100, figure
+
+
+def test_segment_images_segments_a_folder_of_new_photos_after_training(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    photos = tmp_path / "new_photos"
+    (photos / "sub").mkdir(parents=True)
+    sizes = {"a": (50, 40), "sub/b": (33, 61)}
+    for key, (w, h) in sizes.items():
+        Image.new("RGB", (w, h), (200, 30, 30)).save(photos / f"{key}.png")
+    write_config(run, {**TINY, "segment": {"images": str(photos)}})
+    planned = planned_rules(snakemake(run, "-n"))
+    assert planned == {"segment", "all"}  # nothing else reruns
+    snakemake(run)
+    out = run / "results" / "segment"
+    for key, (w, h) in sizes.items():
+        with Image.open(out / "labels" / f"{key}.png") as labels:
+            assert labels.size == (w, h)
+        with Image.open(out / "overlays" / f"{key}.jpg") as overlay:
+            assert overlay.size == (w, h)
+    areas = (out / "areas.csv").read_text()
+    assert "sub/b" in areas and (out / "areas.md").is_file() and (out / "input_report.json").is_file()
+    assert "background" in (out / "areas.md").read_text()  # classes named by the evaluation's matching
