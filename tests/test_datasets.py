@@ -338,7 +338,8 @@ def test_paper_configs_validate_with_the_paper_settings(name, k):
 
 @pytest.mark.parametrize("name", ["voc.yaml", "coco20k.yaml"])
 def test_paper_configs_override_every_demo_setting_of_config_yaml(name):
-    """Snakemake merges --configfile over config.yaml: no demo value may leak into a paper run."""
+    """No demo value may leak into a paper run, even if a paper config is merged over config.yaml
+    (the Snakefile reads config.yaml only when no --configfile is given)."""
     demo = yaml.safe_load((REPO / "config.yaml").read_text())
     paper = _load(name)
     merged = validate_config(_merged(demo, paper))

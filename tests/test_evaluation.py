@@ -73,8 +73,11 @@ def test_evaluate_end_to_end(tmp_path):
     assert "![examples](report.png)" in report
     with Image.open(out / "report.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md", "report.png",
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md", "report.png", "report.rst",
                                                      "report_per_class.csv", "report_stages.csv"]
+    front = (out / "report.rst").read_text()  # the HTML report's front page
+    assert "   * - initial_masks\n     - 100.0\n     - 100.0" in front
+    assert "- the ViT was randomly initialised" in front and "{" not in front
 
     m, mapping = evaluate_stage(perfect, coco_path, root, num_pred=3)
     assert m["miou"] == pytest.approx(100.0) and mapping.tolist() == [1, 2, 0]
