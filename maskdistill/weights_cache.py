@@ -93,12 +93,13 @@ def config_hub_weights(s: Settings) -> list[HubWeight]:
 
 
 def cache_folder(setting: str | None) -> Path:
-    """The weights cache: the ``weights_cache`` setting, else ``$XDG_CACHE_HOME/maskdistill/weights``
+    """The weights cache, as an absolute path (the manifest's files must not depend on a job's
+    working directory): the ``weights_cache`` setting, else ``$XDG_CACHE_HOME/maskdistill/weights``
     (``~/.cache/maskdistill/weights``)."""
     if setting:
-        return Path(setting).expanduser()
+        return Path(setting).expanduser().absolute()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "maskdistill" / "weights"
+    return (Path(base) / "maskdistill" / "weights").absolute()
 
 
 def cached_file(weight: HubWeight, folder: Path) -> Path | None:

@@ -75,6 +75,8 @@ def test_the_default_cache_follows_xdg_and_the_setting_wins(monkeypatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_folder(None) == tmp_path / "xdg" / "maskdistill" / "weights"
     assert cache_folder(str(tmp_path / "mine")) == tmp_path / "mine"
+    monkeypatch.chdir(tmp_path)  # a relative folder is taken from where the workflow runs
+    assert cache_folder("shared/weights") == tmp_path / "shared" / "weights"
 
 
 def test_a_cache_inside_the_workflow_folders_is_refused(tmp_path, monkeypatch):
