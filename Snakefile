@@ -26,6 +26,7 @@ wildcard_constraints:
 
 include: "rules/demo.smk"
 include: "rules/datasets.smk"
+include: "rules/fetch_weights.smk"
 include: "rules/pretrain.smk"
 include: "rules/mining.smk"
 include: "rules/input_report.smk"

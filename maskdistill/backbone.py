@@ -82,17 +82,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = None,
+               weights_file: str | Path | None = None) -> nn.Module:
     """A timm ViT in eval mode, frozen, accepting any input size (``dynamic_img_size``).
 
-    Weights come from ``checkpoint`` when given (DINO ``.pth`` files included), else from the timm hub
-    name when ``pretrained``, else random initialisation.
+    Weights come from ``checkpoint`` when given (DINO ``.pth`` files included), else, when
+    ``pretrained``, from ``weights_file`` (the hub weights of ``name`` already downloaded, see
+    :mod:`maskdistill.weights_cache`; nothing is downloaded then) or the timm hub, else random
+    initialisation.
     """
     check_vit_name(name)
+    hub = pretrained and checkpoint is None
+    overlay = {"file": str(weights_file)} if hub and weights_file else None
+    if overlay and not Path(weights_file).is_file():
+        raise FileNotFoundError(f"weights of '{name}' not found: {weights_file}")
     with torch.random.fork_rng(devices=[]):  # a random init is the same in every job and stage
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0,
-                                  dynamic_img_size=True)
+        model = timm.create_model(name, pretrained=hub, num_classes=0, dynamic_img_size=True,
+                                  pretrained_cfg_overlay=overlay)
     if not hasattr(model, "blocks") or not hasattr(model.blocks[-1].attn, "qkv"):
         raise ValueError(f"timm model '{name}' is not a ViT with fused qkv attention")
     if checkpoint:
@@ -109,6 +116,8 @@ def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = Non
             log.warning("%s: ignored %d unexpected keys, e.g. %s", checkpoint, len(unexpected),
                         unexpected[:4])
         log.info("loaded ViT weights from %s", checkpoint)
+    elif overlay:
+        log.info("loaded the hub weights of '%s' from %s", name, weights_file)
     elif not pretrained:
         log.warning("ViT '%s' is RANDOMLY INITIALISED (no pretrained weights, no checkpoint)", name)
     model.eval().requires_grad_(False)

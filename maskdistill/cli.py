@@ -121,6 +121,24 @@ SPLIT = arg("--split", required=True, help="train or val")
 OUT = arg("--out", required=True)
 SKIPPED = arg("--skipped", help="input_report.json: the images mining skipped are left out")
 CHECKPOINTS = arg("--checkpoint-dir", required=True, help="resumable checkpoints of this run")
+WEIGHTS_MANIFEST = arg("--weights-manifest", help="the fetch-weights manifest: hub weights are read from the "
+                                                  "files it lists, without the network")
+
+
+def _vit_weights(s: Settings, key: str, manifest: str | None) -> Path | None:
+    """The local file of the hub weights the ViT at ``key`` (e.g. ``mining.backbone``) loads, or None.
+
+    From the manifest when given (the workflow's jobs, offline); else from ``weights_cache``,
+    downloaded there first if needed. A job given a manifest does not touch the hub at all.
+    """
+    import os
+
+    if manifest:  # read when huggingface_hub is first imported (by timm, below)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from maskdistill.weights_cache import weights_for
+
+    section, field = key.split(".")
+    return weights_for(getattr(getattr(s, section), field), key, manifest, s.weights_cache)
 
 
 # ---------------------------------------------------------------- data
@@ -180,6 +198,21 @@ def cmd_check_config(a: argparse.Namespace, s: Settings) -> None:
     print(json.dumps(config, indent=1))
 
 
+@command("fetch-weights", "put every hub weight the config names into the weights cache; write the "
+         "manifest that model jobs read them from (offline)", OUT)
+def cmd_fetch_weights(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.storage import write_json
+    from maskdistill.weights_cache import cache_folder, config_hub_weights, fetch_weights
+
+    weights = config_hub_weights(s)
+    folder = cache_folder(s.weights_cache)
+    log.info("weights cache %s: %s", folder, ", ".join(f"{w.name} ({w.key})" for w in weights) or "nothing")
+    manifest = fetch_weights(weights, folder)
+    for entry in manifest["weights"]:
+        log.info("%s: %s (%.1f MB)", entry["key"], entry["file"], entry["bytes"] / 1e6)
+    write_json(Path(a.out), manifest)
+
+
 # ---------------------------------------------------------------- stage 0-1: pretraining, mining
 
 
@@ -212,15 +245,16 @@ def cmd_pretrain(a: argparse.Namespace, s: Settings) -> None:
 @command("mine", "mine one object mask per image of a shard -> HDF5", SPLIT,
          arg("--shard", type=int, required=True),
          arg("--image-list", help="the shard's planned images (JSON, rule list_images) instead of "
-                                  "listing the split anew"), OUT)
+                                  "listing the split anew"), WEIGHTS_MANIFEST, OUT)
 def cmd_mine(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.datasets import read_image_list, shard_records
     from maskdistill.mining import mine_shard
 
+    weights = _vit_weights(s, "mining.backbone", a.weights_manifest)
     records = read_image_list(a.image_list) if a.image_list else _records(s, a.split)
     shard = shard_records(records, a.shard, s.dataset.num_shards)
     log.info("split %s shard %d: %d of %d images", a.split, a.shard, len(shard), len(records))
-    stats = mine_shard(shard, Path(a.out), s.mining, _device(s), s.dataset.on_bad_image)
+    stats = mine_shard(shard, Path(a.out), s.mining, _device(s), s.dataset.on_bad_image, weights)
     log.info("done: %s", stats)
 
 
@@ -240,11 +274,12 @@ def cmd_input_report(a: argparse.Namespace, s: Settings) -> None:
 
 
 @command("cluster-features", "CLS features of each mined mask's box crop -> HDF5", SPLIT,
-         arg("--masks", required=True, help="the mask shard"), OUT)
+         arg("--masks", required=True, help="the mask shard"), WEIGHTS_MANIFEST, OUT)
 def cmd_cluster_features(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.clustering import describe_shard
 
-    describe_shard(Path(a.masks), _images_root(s, a.split), Path(a.out), s.clustering, _device(s))
+    weights = _vit_weights(s, "clustering.backbone", a.weights_manifest)
+    describe_shard(Path(a.masks), _images_root(s, a.split), Path(a.out), s.clustering, _device(s), weights)
 
 
 @command("cluster", "K-means over all shards -> COCO pseudo-labels per split",
@@ -548,13 +583,15 @@ def cmd_mask_quality(a: argparse.Namespace, s: Settings) -> None:
     write_json(Path(a.out), result)
 
 
-@command("patch-kmeans", "baseline: K-means on ViT patch features -> label PNGs", SPLIT, SKIPPED, OUT)
+@command("patch-kmeans", "baseline: K-means on ViT patch features -> label PNGs", SPLIT, SKIPPED,
+         WEIGHTS_MANIFEST, OUT)
 def cmd_patch_kmeans(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.patch_kmeans import patch_kmeans_baseline
 
+    weights = _vit_weights(s, "mining.backbone", a.weights_manifest)
     summary = patch_kmeans_baseline(_records(s, "train", a.skipped), _records(s, a.split, a.skipped),
                                     Path(a.out), s.mining.backbone, s.mining.short_side, s.num_labels,
-                                    s.clustering.seed, _device(s))
+                                    s.clustering.seed, _device(s), weights)
     log.info("patch K-means baseline: %s", summary)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.cluster import MiniBatchKMeans
 
 from maskdistill.backbone import cls_features, create_vit
-from maskdistill.images import read_rgb, to_tensor
+from maskdistill.images import batched, read_ahead, read_rgb, to_tensor
 from maskdistill.settings import ClusteringSettings
 from maskdistill.storage import (
     CorruptFileError,
@@ -40,18 +40,24 @@ def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
 
 
 def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: ClusteringSettings,
-                   device: torch.device) -> int:
-    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features); returns the count."""
+                   device: torch.device, weights_file: Path | None = None) -> int:
+    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features); returns the count.
+
+    Images are decoded and cropped in ``s.decode_threads`` threads ahead of the ViT, which embeds
+    ``s.batch_size`` crops per forward pass. ``weights_file``: the local file of the backbone's
+    hub weights (:mod:`maskdistill.weights_cache`).
+    """
     bb = s.backbone
-    model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
     items = read_mask_shard(mask_shard)
     feats: list[np.ndarray] = []
-    batches = progress(_chunks(items, s.batch_size), total=-(-len(items) // s.batch_size),
-                       desc=f"describing {Path(mask_shard).name}", unit="batch")
-    for chunk in batches:
-        crops = [to_tensor(crop_box(read_rgb(images_root / it.file_name), it.box, s.crop_size))
-                 for it in chunk]
-        feats.append(cls_features(model, torch.stack(crops).to(device)).float().cpu().numpy())
+    with ThreadPoolExecutor(max_workers=s.decode_threads) as pool:
+        crops = read_ahead(pool, lambda it: box_crop_tensor(images_root / it.file_name, it.box, s.crop_size),
+                           items, ahead=2 * max(s.batch_size, s.decode_threads))
+        batches = progress(batched(crops, s.batch_size), total=-(-len(items) // s.batch_size),
+                           desc=f"describing {Path(mask_shard).name}", unit="batch")
+        for batch in batches:
+            feats.append(cls_features(model, torch.stack(batch).to(device)).float().cpu().numpy())
     log.info("described %d masks of %s", len(items), mask_shard)
     dim = int(model.num_features)
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
@@ -64,10 +70,9 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
     return len(items)
 
 
-def _chunks(items: Sequence[MinedMask], size: int) -> Iterator[Sequence[MinedMask]]:
-    """Consecutive slices of ``items`` of at most ``size`` (one forward pass each)."""
-    for lo in range(0, len(items), size):
-        yield items[lo:lo + size]
+def box_crop_tensor(image: Path, box: list[float], size: int) -> torch.Tensor:
+    """The normalised ``size`` x ``size`` crop of ``box`` from the image file (3, size, size)."""
+    return to_tensor(crop_box(read_rgb(image), box, size))
 
 
 def read_features(path: Path) -> tuple[list[str], np.ndarray]:

@@ -144,6 +144,11 @@ def reference_errors(cfg: dict[str, Any]) -> list[str]:
                 check_vit_name(name)
             except ValueError as err:
                 errors.append(f"config key '{key}': {err}")
+    cache = _lookup(cfg, "weights_cache")
+    owner = _workflow_folder_holding(Path(cache).expanduser()) if cache else None
+    if owner:
+        errors.append(f"config key 'weights_cache': {cache} lies inside the workflow's {owner}/ folder, "
+                      "whose files the workflow deletes; name a folder outside it")
     source = _lookup(cfg, "dataset.source")
     produced = bool(_lookup(cfg, "pretrain.enabled"))  # the workflow writes the ViT weights itself
     for key, kind, sources in _PATH_KEYS:

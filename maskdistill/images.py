@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +29,10 @@ if Image.MAX_IMAGE_PIXELS is not None:
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, MAX_DECODE_PIXELS * 64 // 2)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
                   zlib.error, Image.DecompressionBombError)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ImageReadError(RuntimeError):
@@ -78,6 +86,28 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageReadError(f"{p}: empty image")
     return rgb
+
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def decoded_hw(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The (height, width) that :func:`read_rgb` returns for ``path``, from the header alone.
+
+    The EXIF orientation and the reduced decode of large JPEGs are taken into account; nothing is
+    decoded. None when the header cannot be read or the image would be refused (:func:`read_rgb`
+    then says why).
+    """
+    p = Path(path)
+    try:
+        _check_file(p)
+        with Image.open(p) as im:
+            _check_size(p, im)  # may ask for a reduced JPEG decode, which changes im.size
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)  # ExifTags.Base.Orientation
+    except (ImageReadError, *_DECODE_ERRORS):
+        return None
+    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
 def file_problem(path: str | os.PathLike[str]) -> str | None:
@@ -149,3 +179,27 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if ph == 0 and pw == 0:
         return x
     return torch.nn.functional.pad(x, (0, pw, 0, ph))
+
+
+def read_ahead(pool: Executor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, computed in ``pool``'s threads at most ``ahead`` items
+    in advance of the consumer (decoding overlaps the forward pass; memory stays bounded)."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last one shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,9 @@ from maskdistill.images import (
     BAD_IMAGE_POLICIES,
     ImageReadError,
     ImageRecord,
+    decoded_hw,
     pad_to_multiple,
+    read_ahead,
     read_rgb,
     resized_hw,
     to_tensor,
@@ -133,6 +134,7 @@ class _Decoded:
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
     error: str | None = None
+    slot: int = -1  # position of the image in its shard (and in the shard file)
 
 
 def _decode(record: ImageRecord, short_side: int, patch: int) -> _Decoded:
@@ -147,13 +149,33 @@ def _decode(record: ImageRecord, short_side: int, patch: int) -> _Decoded:
 def _prefetch(pool: ThreadPoolExecutor, records: list[ImageRecord], short_side: int, patch: int,
               ahead: int) -> Iterator[_Decoded]:
     """Decode in background threads, at most ``ahead`` images in advance (bounded memory)."""
-    pending: deque[Future[_Decoded]] = deque()
-    for record in records:
-        pending.append(pool.submit(_decode, record, short_side, patch))
-        if len(pending) > ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    return read_ahead(pool, lambda record: _decode(record, short_side, patch), records, ahead)
+
+
+def padded_hw(hw: tuple[int, int], short_side: int, patch: int) -> tuple[int, int]:
+    """The ViT's input size for an image of size ``hw``: resized, then padded to the patch grid."""
+    h, w = resized_hw(hw[0], hw[1], short_side)
+    return -(-h // patch) * patch, -(-w // patch) * patch
+
+
+def shape_order(sizes: list[tuple[int, int] | None], short_side: int, patch: int) -> list[int]:
+    """The order to mine a shard's images in, given their sizes (None: header unreadable).
+
+    Unreadable images come first (they fail or are skipped at once), then the images grouped by
+    the ViT's input size, so that batches are full; ties keep the shard's order. Padding changes
+    no image's result (a ViT mixes no images of a batch), so the masks are those of batch size 1.
+    """
+    def key(i: int) -> tuple[int, tuple[int, int], int]:
+        hw = sizes[i]
+        return (0, (0, 0), i) if hw is None else (1, padded_hw(hw, short_side, patch), i)
+
+    return sorted(range(len(sizes)), key=key)
+
+
+def _with_slots(decoded: Iterator[_Decoded], slots: list[int]) -> Iterator[_Decoded]:
+    for slot, item in zip(slots, decoded, strict=True):
+        item.slot = slot
+        yield item
 
 
 def _batches(decoded: Iterator[_Decoded], batch_size: int) -> Iterator[list[_Decoded]]:
@@ -177,33 +199,38 @@ def mining_params(s: MiningSettings) -> MiningParams:
 
 
 def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, device: torch.device,
-               on_bad_image: str = "fail") -> dict[str, Any]:
+               on_bad_image: str = "fail", weights_file: Path | None = None) -> dict[str, Any]:
     """Mine every image of a shard into one HDF5 file; returns counts and timings.
 
-    An image that cannot be decoded raises :class:`ImageReadError` naming it (``on_bad_image``
-    ``fail``) or is left out and listed in the shard's ``skipped`` attribute with the reason
-    (``skip``); later stages leave skipped images out too.
+    Images are read ahead in ``s.decode_threads`` threads, in the order of :func:`shape_order`
+    (their sizes come from the headers), so that each forward pass holds ``s.batch_size`` images
+    of one input size; the shard file keeps the order of ``records``. An image that cannot be
+    decoded raises :class:`ImageReadError` naming it (``on_bad_image`` ``fail``) or is left out
+    and listed in the shard's ``skipped`` attribute with the reason (``skip``); later stages leave
+    skipped images out too. ``weights_file``: the local file of the backbone's hub weights
+    (:mod:`maskdistill.weights_cache`).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
                          f"{list(BAD_IMAGE_POLICIES)}")
     bb = s.backbone
-    model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
     patch = patch_size(model)
     params = mining_params(s)
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb.name, "checkpoint": str(bb.checkpoint or ""),
              "patch_size": patch, "short_side": s.short_side, "num_records": len(records)}
-    skipped: list[SkippedImage] = []
+    skipped: list[tuple[int, SkippedImage]] = []
     start = time.perf_counter()
-    done = 0
+    done = batches = 0
     with ThreadPoolExecutor(max_workers=s.decode_threads) as pool, \
             MaskShardWriter(out_path, attrs) as writer:
+        order = shape_order(list(pool.map(decoded_hw, [r.path for r in records])), s.short_side, patch)
         ahead = 2 * max(s.batch_size, s.decode_threads)
-        decoded = _prefetch(pool, records, s.short_side, patch, ahead)
+        decoded = _with_slots(_prefetch(pool, [records[i] for i in order], s.short_side, patch, ahead), order)
         for batch in _batches(decoded, s.batch_size):
             if batch[0].tensor is None:
-                skipped.append(_skipped(batch[0], on_bad_image))
+                skipped.append((batch[0].slot, _skipped(batch[0], on_bad_image)))
                 continue
             x = torch.stack([d.tensor for d in batch]).to(device)
             q, k = last_block_qk(model, x)
@@ -214,12 +241,15 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
                 writer.append(MinedMask(key=d.record.key, file_name=_file_name(d.record),
                                         height=d.original_hw[0], width=d.original_hw[1], mask=mask,
                                         box=mask_to_box(mask), patch_mask=pm.mask,
-                                        cls_affinity=pm.cls_affinity, seed=pm.seed))
+                                        cls_affinity=pm.cls_affinity, seed=pm.seed), slot=d.slot)
             done += len(batch)
+            batches += 1
             if done % s.log_every < len(batch) or done + len(skipped) == len(records):
                 _log_progress(done, len(skipped), len(records), time.perf_counter() - start)
-        writer.set_skipped(skipped)
-    return {"images": done, "skipped": len(skipped), "seconds": time.perf_counter() - start}
+        writer.set_skipped([item for _, item in sorted(skipped, key=lambda pair: pair[0])])
+    log.info("%d images in %d forward passes (batch_size %d)", done, batches, s.batch_size)
+    return {"images": done, "skipped": len(skipped), "batches": batches,
+            "seconds": time.perf_counter() - start}
 
 
 def _skipped(bad: _Decoded, on_bad_image: str) -> SkippedImage:

@@ -56,13 +56,14 @@ def sample_patch_features(model: torch.nn.Module, train: list[ImageRecord], shor
 
 def patch_kmeans_baseline(train: list[ImageRecord], target: list[ImageRecord], out_dir: Path,
                           backbone: VitSettings, short_side: int, num_labels: int, seed: int,
-                          device: torch.device) -> dict[str, Any]:
+                          device: torch.device, weights_file: Path | None = None) -> dict[str, Any]:
     """Fit K-means (``num_labels`` clusters, background included) on patch features sampled from
     the ``train`` images; write each ``target`` image's label map ``out_dir/<key>.png``
-    (0..num_labels-1). Returns {"clusters", "patches", "images"}."""
+    (0..num_labels-1). ``weights_file``: the local file of the backbone's hub weights. Returns
+    {"clusters", "patches", "images"}."""
     if num_labels > 255:
         raise ValueError("patch K-means baseline: at most 255 clusters fit a label PNG")
-    model = create_vit(backbone.name, backbone.pretrained, backbone.checkpoint)
+    model = create_vit(backbone.name, backbone.pretrained, backbone.checkpoint, weights_file)
     model.to(device)
     data = sample_patch_features(model, train, short_side, np.random.default_rng(seed))
     if len(data) < num_labels:

@@ -20,6 +20,7 @@ from maskdistill.config import LOGS, RESULTS, check_references, fingerprint, val
 from maskdistill.datasets import DatasetSource, dataset_source, records_from_paths, shard_of
 from maskdistill.images import file_problem
 from maskdistill.settings import Settings, build
+from maskdistill.weights_cache import HubWeight, config_hub_weights
 
 # RESULTS and LOGS are the only folders the workflow writes, relative to its working directory.
 # Every rule's outputs and logs lie below them (checked when the Snakefile is parsed:
@@ -29,6 +30,7 @@ _MAX_NAMED = 5  # unreadable images named in a planning error before "... and N 
 PRETRAINED = f"{RESULTS}/pretrain/backbone.safetensors"
 INPUT_REPORT = f"{RESULTS}/input_report.json"
 SEGMENTED = f"{RESULTS}/segment"
+WEIGHTS_MANIFEST = f"{RESULTS}/weights.json"  # what fetch_weights put into the weights cache
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,20 @@ class Plan:
     def pretrained(self) -> str | None:
         """The ViT weights the pretrain rule writes, when mining and clustering use them."""
         return PRETRAINED if self.settings.pretrain.enabled else None
+
+    @property
+    def hub_weights(self) -> list[HubWeight]:
+        """The hub weights that model jobs load: the local rule fetch_weights puts them into the
+        weights cache before any model job (none for the demo's shipped ViT, random or local ones)."""
+        return config_hub_weights(self.settings)
+
+    def fetch_config(self) -> str:
+        """The params of fetch_weights, as JSON: the ViT settings and the weights cache, nothing
+        else (a K-means or mining setting does not fetch again)."""
+        picked: dict[str, Any] = {section: {"backbone": self.config[section]["backbone"]}
+                                  for section in ("mining", "clustering")}
+        picked |= {"weights_cache": self.config["weights_cache"], "version": maskdistill.__version__}
+        return json.dumps(picked, sort_keys=True)
 
     @property
     def mask_ap(self) -> bool:
@@ -251,13 +267,14 @@ def shard_digest(members: list[tuple[str, str]]) -> str:
     return images_fingerprint(members)
 
 
-DESCRIBE_KEYS = ("backbone", "crop_size", "batch_size")
+FEATURE_KEYS = ("backbone", "crop_size", "batch_size", "decode_threads")
 
 
 # Keys added after results may already exist, with the value that behaves as before the key did.
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
-                                          ("mining", "seed_from"): "affinity"}
+                                          ("mining", "seed_from"): "affinity",
+                                          ("clustering", "decode_threads"): 1}
 
 
 def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,7 @@ class ClusteringSettings:
     backbone: VitSettings
     crop_size: int
     batch_size: int
+    decode_threads: int
     num_clusters: int
     overclustering: int
     kmeans_batch_size: int
@@ -265,6 +266,7 @@ class Settings:
     """Every section of a validated config."""
 
     device: str
+    weights_cache: str | None
     dataset: DatasetSettings
     pretrain: PretrainSettings
     mining: MiningSettings

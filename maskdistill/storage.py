@@ -213,13 +213,23 @@ class MaskShardWriter:
             "patch_masks": self._h5.create_dataset("patch_masks", (0,), vlen_u8, maxshape=(None,)),
             "cls_affinity": self._h5.create_dataset("cls_affinity", (0,), vlen_f4, maxshape=(None,)),
         }
-        self.count = 0
+        self.count = 0  # results written
+        self._size = 0  # slots the datasets hold
+        self._filled: set[int] = set()
 
-    def append(self, item: MinedMask) -> None:
-        """Add one image's result."""
-        i = self.count
-        for ds in self._sets.values():
-            ds.resize(i + 1, axis=0)
+    def append(self, item: MinedMask, slot: int | None = None) -> None:
+        """Add one image's result, at position ``slot`` of the shard (default: after the last).
+
+        Results may come in any order; :meth:`close` closes the gaps that no result filled (images
+        that were skipped), keeping the slots' order.
+        """
+        i = self._size if slot is None else slot
+        if i < 0 or i in self._filled:
+            raise ValueError(f"mask shard slot {i} is negative or already written")
+        if i >= self._size:
+            for ds in self._sets.values():
+                ds.resize(i + 1, axis=0)
+            self._size = i + 1
         s = self._sets
         s["keys"][i] = item.key
         s["files"][i] = item.file_name
@@ -230,7 +240,19 @@ class MaskShardWriter:
         s["masks"][i] = np.packbits(item.mask.astype(bool).ravel())
         s["patch_masks"][i] = item.patch_mask.astype(np.uint8).ravel()
         s["cls_affinity"][i] = item.cls_affinity.astype(np.float32).ravel()
+        self._filled.add(i)
         self.count += 1
+
+    def _close_gaps(self) -> None:
+        """Move the written slots down over the unwritten ones, in order (one entry in memory)."""
+        for new, old in enumerate(sorted(self._filled)):
+            if new != old:
+                for ds in self._sets.values():
+                    ds[new] = ds[old]
+        for ds in self._sets.values():
+            ds.resize(self.count, axis=0)
+        self._size = self.count
+        self._filled = set(range(self.count))
 
     def set_skipped(self, items: list[SkippedImage]) -> None:
         """Record the images that were skipped, one ``key<TAB>path<TAB>reason`` line each."""
@@ -238,7 +260,9 @@ class MaskShardWriter:
             "\t".join(_one_line(v) for v in (it.key, it.path, it.reason)) for it in items)
 
     def close(self) -> None:
-        """Mark complete and move the file to its final name."""
+        """Close the gaps, mark complete and move the file to its final name."""
+        if self.count != self._size:
+            self._close_gaps()
         self._h5.attrs["complete"] = True
         self._h5.attrs["num_images"] = self.count
         self._h5.close()

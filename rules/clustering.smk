@@ -1,23 +1,25 @@
 # Stage 1b: CLS features of each mask's box crop (one job per shard), then one global K-means.
 
-# The clustering keys that the features depend on: a K-means setting does not rerun them.
-FEATURE_KEYS = ("backbone", "crop_size", "batch_size")
+# The features depend on the clustering keys of plan.FEATURE_KEYS only: a K-means setting does not
+# rerun them.
 
 
 rule cluster_features:
     input:
         masks=f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
         weights=pretrained_weights(),
+        hub=weights_manifest(),
     output:
         f"{RESULTS}/features/{{split}}/shard-{{shard}}.h5",
     params:
         cfg=cfg("clustering", only=FEATURE_KEYS),
+        hub=manifest_option,
     log:
         "logs/cluster_features/{split}-{shard}.log",
     threads: 2
     shell:
         "maskdistill --threads {threads} cluster-features --config {params.cfg:q} --split {wildcards.split}"
-        " --masks {input.masks} --out {output} > {log} 2>&1"
+        " --masks {input.masks} {params.hub} --out {output} > {log} 2>&1"
 
 
 rule cluster:

@@ -8,8 +8,9 @@ from snakemake.utils import min_version
 
 from maskdistill.config import ConfigError
 from maskdistill.datasets import write_image_list
-from maskdistill.plan import (INPUT_REPORT, RESULTS, SEGMENTED, image_inputs, images_fingerprint, make_plan,
-                              rule_config, shard_digest, workflow_outputs_outside)
+from maskdistill.plan import (FEATURE_KEYS, INPUT_REPORT, RESULTS, SEGMENTED, WEIGHTS_MANIFEST, image_inputs,
+                              images_fingerprint, make_plan, rule_config, shard_digest,
+                              workflow_outputs_outside)
 
 min_version("9.0")
 
@@ -22,6 +23,7 @@ SPLITS = PLAN.splits
 SETTINGS = PLAN.settings
 DEMO = SETTINGS.dataset.source == "demo"
 EVAL_SPLIT = PLAN.eval_split
+HUB_WEIGHTS = PLAN.hub_weights  # hub weights the model jobs load (rules/fetch_weights.smk)
 REPORT_FRONT = f"{RESULTS}/report.rst"
 
 
@@ -58,6 +60,21 @@ def demo_outputs():
 def pretrained_weights():
     """The pretrain output when the ViTs come from our own DINO run, else nothing."""
     return [PLAN.pretrained] if PLAN.pretrained else []
+
+
+def weights_manifest():
+    """The fetch_weights manifest, for the rules that load a ViT, when the config names hub weights.
+
+    ``ancient``: the manifest orders the jobs after fetch_weights, but a fetch that reran (the cache
+    folder moved, say) reruns nothing; a new backbone reruns its jobs through their params.
+    """
+    return ancient(WEIGHTS_MANIFEST) if HUB_WEIGHTS else []
+
+
+def manifest_option(wildcards, input):
+    """``--weights-manifest FILE`` for a job with the manifest as its ``hub`` input: it then reads the
+    hub weights from the cache, offline."""
+    return f"--weights-manifest {input.hub}" if input.hub else ""
 
 
 def shard_files(kind, split):

@@ -21,17 +21,19 @@ rule patch_kmeans:
     input:
         demo_outputs(),
         weights=pretrained_weights(),
+        hub=weights_manifest(),
         skipped=INPUT_REPORT,
     output:
         directory(f"{RESULTS}/baselines/patch_kmeans/{{split}}"),
     params:
         cfg=cfg("mining", "clustering"),
+        hub=manifest_option,
     log:
         "logs/patch_kmeans/{split}.log",
     threads: 2
     shell:
         "maskdistill --threads {threads} patch-kmeans --config {params.cfg:q} --split {wildcards.split}"
-        " --skipped {input.skipped} --out {output} > {log} 2>&1"
+        " --skipped {input.skipped} {params.hub} --out {output} > {log} 2>&1"
 
 
 rule stage_figure:

@@ -26,15 +26,17 @@ rule mine:
         images=shard_images,
         image_list=[] if DEMO else f"{RESULTS}/images/{{split}}/shard-{{shard}}.json",
         weights=pretrained_weights(),
+        hub=weights_manifest(),
     output:
         f"{RESULTS}/masks/{{split}}/shard-{{shard}}.h5",
     params:
         cfg=cfg("mining"),
         images=lambda wc: shard_digest(members(wc)),
         image_list=lambda wc, input: f"--image-list {input.image_list}" if input.image_list else "",
+        hub=manifest_option,
     log:
         "logs/mine/{split}-{shard}.log",
     threads: 2
     shell:
         "maskdistill --threads {threads} mine --config {params.cfg:q} --split {wildcards.split}"
-        " --shard {wildcards.shard} {params.image_list} --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} {params.image_list} {params.hub} --out {output} > {log} 2>&1"

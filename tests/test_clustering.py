@@ -4,11 +4,21 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
-from maskdistill.clustering import assign_clusters, coco_from_masks, crop_box, fit_kmeans, whiten
+from maskdistill.clustering import (
+    assign_clusters,
+    coco_from_masks,
+    crop_box,
+    describe_shard,
+    fit_kmeans,
+    read_features,
+    whiten,
+)
 from maskdistill.settings import section_settings
-from maskdistill.storage import MinedMask, decode_segmentation
+from maskdistill.storage import MaskShardWriter, MinedMask, decode_segmentation
 
 CFG = section_settings("clustering", {"num_clusters": 3, "overclustering": 1, "kmeans_batch_size": 1000,
                                       "n_init": 3, "seed": 0})
@@ -20,6 +30,37 @@ def test_crop_box_cuts_the_box_region():
     crop = crop_box(rgb, [10, 5, 20, 10], 8)
     assert crop.shape == (8, 8, 3)
     assert crop.min() > 150  # only the bright box inside
+
+
+def test_crops_embedded_in_batches_from_decoding_threads_match_one_at_a_time(tmp_path, monkeypatch):
+    from maskdistill import clustering
+
+    rng = np.random.default_rng(0)
+    with MaskShardWriter(tmp_path / "masks.h5", {"backbone": "test"}) as writer:
+        for i in range(7):
+            h, w = 24 + 4 * i, 40 - 2 * i
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+            mask = np.zeros((h, w), bool)
+            mask[i: h // 2 + i, 2: w - i] = True
+            box = [2.0, float(i), float(w - i), float(h // 2 + i)]
+            writer.append(MinedMask(f"im{i}", f"im{i}.png", h, w, mask, box, np.ones((1, 1), bool),
+                                    np.ones((1, 1), np.float32), 0))
+    passes: list[int] = []
+    embed = clustering.cls_features
+    monkeypatch.setattr(clustering, "cls_features", lambda model, x: passes.append(len(x)) or embed(model, x))
+    features = {}
+    for batch_size, threads in ((1, 1), (3, 2)):
+        passes.clear()
+        s = section_settings("clustering", {"backbone": {"name": "test_vit"}, "crop_size": 32,
+                                            "batch_size": batch_size, "decode_threads": threads})
+        assert describe_shard(tmp_path / "masks.h5", tmp_path, tmp_path / f"f{batch_size}.h5", s,
+                              torch.device("cpu")) == 7
+        features[batch_size] = read_features(tmp_path / f"f{batch_size}.h5")
+        assert passes == ([1] * 7 if batch_size == 1 else [3, 3, 1])
+    (keys1, one), (keys3, three) = features[1], features[3]
+    assert keys1 == keys3 == [f"im{i}" for i in range(7)]
+    assert one.shape == (7, 64) and np.abs(one).max() > 0.1
+    np.testing.assert_allclose(three, one, rtol=1e-4, atol=1e-5)
 
 
 def test_whiten_standardises_then_normalises_rows():

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import maskdistill.images as images_mod
-from maskdistill.images import ImageReadError, read_rgb, resized_hw
+from maskdistill.images import ImageReadError, decoded_hw, read_rgb, resized_hw
 
 ORIENTATION = 0x0112
 RNG = np.random.default_rng(0)
@@ -152,6 +152,27 @@ def test_broken_files_are_refused_with_a_reason_naming_them(tmp_path):
         with pytest.raises(ImageReadError) as info:
             read_rgb(tmp_path / name)
         assert str(info.value).startswith(str(tmp_path / name)) and reason in str(info.value), info.value
+
+
+def test_the_header_tells_the_decoded_size_of_every_readable_image(tmp_path, monkeypatch):
+    # Mining orders a shard by image size before decoding: the header's size must be read_rgb's,
+    # EXIF rotation and the reduced decode of large JPEGs included; unreadable headers say None.
+    root, bad, good = mixed_folder(tmp_path)
+    for orientation in (3, 6, 8):
+        im = Image.fromarray(_blocks(2, 3, 4))
+        exif = im.getexif()
+        exif[ORIENTATION] = orientation
+        im.save(root / f"turned{orientation}.jpg", exif=exif)
+    monkeypatch.setattr(images_mod, "MAX_DECODE_PIXELS", 200_000)
+    Image.fromarray(np.zeros((640, 960, 3), np.uint8)).save(root / "big.jpg")
+    files = sorted(p for p in root.iterdir() if p.name != "dangling.png") + [root / "dangling.png"]
+    sizes = {p.stem: decoded_hw(p) for p in files}
+    assert sizes["turned6"] == sizes["turned8"] == (12, 8) and sizes["turned3"] == (8, 12)
+    assert sizes["big"] == (320, 480)
+    for path in files:
+        if path.stem in good or path.stem.startswith(("turned", "big")):
+            assert sizes[path.stem] == read_rgb(path).shape[:2], path.name
+    assert all(sizes[key] is None for key in ("zero", "text", "dangling", "strip"))
 
 
 def test_undecodable_file_error_names_it(tmp_path):

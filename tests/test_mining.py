@@ -222,6 +222,38 @@ def test_mine_shard_writes_full_size_masks(tmp_path):
     assert not list(tmp_path.glob(".shard*"))  # no temporary file left behind
 
 
+def test_mixed_sizes_are_mined_in_full_batches_with_the_masks_of_batch_size_one(tmp_path, monkeypatch):
+    # The shard alternates image sizes (and holds an unreadable file): taken in shard order, no two
+    # neighbours share an input size and every forward pass would hold one image.
+    from maskdistill import mining
+
+    sizes = [(40, 56), (33, 20), (64, 64), (40, 56), (33, 20), (40, 56), (33, 20), (40, 56), (33, 20)]
+    _write_images(tmp_path / "imgs", sizes)  # inputs 32x48 (x4), 64x32 (x4), 32x32 (x1) at short side 32
+    (tmp_path / "imgs" / "img3x.png").write_text("not an image")
+    records = list_image_folder(tmp_path / "imgs")
+    passes: list[tuple[int, ...]] = []
+    forward = mining.last_block_qk
+    monkeypatch.setattr(mining, "last_block_qk",
+                        lambda model, x: passes.append(tuple(x.shape)) or forward(model, x))
+    shards = {}
+    for batch_size, threads in ((1, 1), (4, 2)):
+        passes.clear()
+        cfg = section_settings("mining", {"backbone": {"name": "test_vit"}, "short_side": 32,
+                                          "batch_size": batch_size, "decode_threads": threads})
+        out = tmp_path / f"batch{batch_size}.h5"
+        stats = mine_shard(records, out, cfg, torch.device("cpu"), on_bad_image="skip")
+        assert stats["images"] == 9 and stats["skipped"] == 1 and stats["batches"] == len(passes)
+        shards[batch_size] = read_mask_shard(out)
+        assert [s.key for s in shard_skipped(out)] == ["img3x"]
+    assert sorted(passes) == [(1, 3, 32, 32), (4, 3, 32, 48), (4, 3, 64, 32)]  # full batches of one shape
+    one, four = shards[1], shards[4]
+    assert [m.key for m in four] == [m.key for m in one] == [f"img{i}" for i in range(9)]  # shard order kept
+    for a, b in zip(one, four, strict=True):
+        assert (a.height, a.width, a.box, a.seed) == (b.height, b.width, b.box, b.seed), a.key
+        assert np.array_equal(a.mask, b.mask) and np.array_equal(a.patch_mask, b.patch_mask), a.key
+        np.testing.assert_allclose(a.cls_affinity, b.cls_affinity, rtol=1e-4, atol=1e-5)
+
+
 def test_failed_shard_leaves_no_file(tmp_path):
     _write_images(tmp_path / "imgs", [(32, 32), (32, 32)])
     (tmp_path / "imgs" / "img9.png").write_bytes(b"not an image")

@@ -12,7 +12,7 @@ from PIL import Image
 from test_datasets import VOC_TRAIN, make_coco, make_voc
 
 from maskdistill.config import validate_config
-from maskdistill.plan import make_plan, rule_config
+from maskdistill.plan import FEATURE_KEYS, make_plan, rule_config
 
 
 def test_a_key_added_later_reruns_nothing_at_its_neutral_value():
@@ -36,6 +36,17 @@ def test_the_seed_rule_added_later_reruns_mining_only_when_changed():
     attention["mining"]["seed_from"] = "attention"
     assert rule_config(attention, "mining") != rule_config(now, "mining")
     assert rule_config(attention, "clustering") == rule_config(now, "clustering")
+
+
+def test_the_decoding_threads_of_the_features_added_later_rerun_nothing_at_one():
+    before = validate_config({})
+    before["clustering"].pop("decode_threads")
+    now = validate_config({})
+    features = {"only": FEATURE_KEYS}
+    assert rule_config(now, "clustering", **features) == rule_config(before, "clustering", **features)
+    four = copy.deepcopy(now)
+    four["clustering"]["decode_threads"] = 4
+    assert json.loads(rule_config(four, "clustering", **features))["clustering"]["decode_threads"] == 4
 
 
 # ---------------------------------------------------------------- the plan of each source
@@ -79,6 +90,25 @@ def test_pretraining_points_mining_and_clustering_at_its_weights():
         assert plan.config[section]["backbone"] == {"name": "vit_demo_patch8_128", "pretrained": False,
                                                     "checkpoint": "results/pretrain/backbone.safetensors"}
         assert getattr(plan.settings, section).backbone.checkpoint == plan.pretrained
+
+
+def test_hub_weights_are_fetched_only_for_vits_that_load_them_from_the_hub():
+    import yaml
+    from conftest import REPO
+
+    paper = make_plan({"weights_cache": "/shared/weights"})
+    names = {w.key: w.name for w in paper.hub_weights}
+    assert names == {"mining.backbone.name": "vit_small_patch16_224.dino",
+                     "clustering.backbone.name": "vit_small_patch8_224.dino"}
+    fetch = json.loads(paper.fetch_config())  # the params of fetch_weights: nothing a stage tunes
+    assert set(fetch) == {"mining", "clustering", "weights_cache", "version"}
+    assert fetch["mining"] == {"backbone": paper.config["mining"]["backbone"]}
+    assert fetch["weights_cache"] == "/shared/weights"
+    assert make_plan(yaml.safe_load((REPO / "config.yaml").read_text())).hub_weights == []  # shipped ViT
+    assert make_plan({"pretrain": {"enabled": True}}).hub_weights == []  # our own DINO weights
+    random = {"name": "vit_small_patch8_224.dino", "pretrained": False}
+    local = make_plan({"clustering": {"backbone": random}})
+    assert [w.key for w in local.hub_weights] == ["mining.backbone.name"]
 
 
 def test_a_train_folder_alone_is_segmented_but_not_evaluated(tmp_path):

@@ -66,3 +66,20 @@ def test_a_killed_writer_leaves_only_a_temp_file_that_the_next_write_removes(tmp
     stale.write_bytes(b"partial")
     _shard(target, n=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000.h5"]
+
+
+def test_results_written_out_of_order_keep_their_slots_and_gaps_close(tmp_path):
+    # Mining writes each image at its place in the shard, in the order batches finish; the images
+    # it skipped leave slots that closing the shard removes.
+    with MaskShardWriter(tmp_path / "s.h5", {"backbone": "test"}) as w:
+        for slot in (4, 0, 2, 5):
+            item = _one_mask(f"k{slot}")
+            item.seed, item.mask[0, 0] = slot, slot == 4
+            w.append(item, slot=slot)
+        with pytest.raises(ValueError, match="slot 2"):
+            w.append(_one_mask("again"), slot=2)
+    items = read_mask_shard(tmp_path / "s.h5")
+    assert [(m.key, m.seed, bool(m.mask[0, 0])) for m in items] == [("k0", 0, False), ("k2", 2, False),
+                                                                    ("k4", 4, True), ("k5", 5, False)]
+    with h5py.File(tmp_path / "s.h5") as h5:
+        assert h5.attrs["num_images"] == 4 and len(h5["masks"]) == len(h5["keys"]) == 4

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
-from conftest import TINY, copy_run, planned_rules, snakemake, write_config
+import timm
+from conftest import TINY, copy_run, planned_rules, run_env, snakemake, snakemake_command, tiny, write_config
 from PIL import Image
 
 
@@ -105,3 +107,36 @@ def test_segment_images_segments_a_folder_of_new_photos_after_training(finished_
     areas = (out / "areas.csv").read_text()
     assert "sub/b" in areas and (out / "areas.md").is_file() and (out / "input_report.json").is_file()
     assert "background" in (out / "areas.md").read_text()  # classes named by the evaluation's matching
+
+
+def test_hub_weights_are_fetched_up_front_then_the_jobs_load_them_offline(tmp_path):
+    # The hub unreachable for the whole run, as on a cluster without internet. An empty cache stops
+    # the run in fetch_weights, before any model job, naming the key; once the weights are in the
+    # cache, fetch_weights finds them there and the model jobs load them from it.
+    from test_weights_cache import CLOSED_PORT, TINY_HUB, put_in_hub_cache
+
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    workdir.mkdir()
+    write_config(workdir, tiny(weights_cache=str(cache),
+                               mining={"backbone": {"name": TINY_HUB, "pretrained": True}}))
+    target = "results/masks/train/shard-000.h5"
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(snakemake_command(workdir, target), capture_output=True, text=True, timeout=900,
+                              env=run_env(HF_ENDPOINT=CLOSED_PORT))
+
+    failed = run()
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "Error in rule fetch_weights" in output
+    assert f"config key 'mining.backbone.name': '{TINY_HUB}'" in output and "checkpoint:" in output
+    assert "Retrying" not in output and not (workdir / "logs" / "mine").exists()
+    state = timm.create_model(TINY_HUB).state_dict()
+    file = put_in_hub_cache(cache, f"timm/{TINY_HUB}", "model.safetensors", state)
+    done = run()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((workdir / "results" / "weights.json").read_text())
+    assert [(w["key"], w["file"]) for w in manifest["weights"]] == [("mining.backbone.name", str(file))]
+    log = (workdir / "logs" / "mine" / "train-000.log").read_text()
+    assert f"loaded the hub weights of '{TINY_HUB}' from {file}" in log
+    (workdir / "results" / "weights.json").touch()  # fetched again (the cache moved, say)
+    assert planned_rules(snakemake(workdir, target, "-n")) == set()  # reruns nothing
