@@ -25,7 +25,7 @@ from maskdistill.storage import (
     read_mask_shard,
     write_json,
 )
-from maskdistill.training import progress
+from maskdistill.training import autocast, check_precision, progress
 
 log = logging.getLogger("maskdistill")
 
@@ -40,8 +40,10 @@ def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
 
 
 def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: ClusteringSettings,
-                   device: torch.device) -> int:
-    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features); returns the count."""
+                   device: torch.device, precision: str = "fp32") -> int:
+    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features, float32); returns the
+    count. The ViT runs in ``precision`` (autocast)."""
+    check_precision(precision, device)
     bb = s.backbone
     model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
     items = read_mask_shard(mask_shard)
@@ -51,7 +53,8 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
     for chunk in batches:
         crops = [to_tensor(crop_box(read_rgb(images_root / it.file_name), it.box, s.crop_size))
                  for it in chunk]
-        feats.append(cls_features(model, torch.stack(crops).to(device)).float().cpu().numpy())
+        with autocast(device, precision):
+            feats.append(cls_features(model, torch.stack(crops).to(device)).float().cpu().numpy())
     log.info("described %d masks of %s", len(items), mask_shard)
     dim = int(model.num_features)
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)

@@ -31,6 +31,7 @@ from maskdistill.images import (
 )
 from maskdistill.settings import MiningSettings
 from maskdistill.storage import MaskShardWriter, MinedMask, SkippedImage, mask_to_box
+from maskdistill.training import autocast, check_precision
 
 log = logging.getLogger("maskdistill")
 
@@ -177,8 +178,9 @@ def mining_params(s: MiningSettings) -> MiningParams:
 
 
 def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, device: torch.device,
-               on_bad_image: str = "fail") -> dict[str, Any]:
-    """Mine every image of a shard into one HDF5 file; returns counts and timings.
+               on_bad_image: str = "fail", precision: str = "fp32") -> dict[str, Any]:
+    """Mine every image of a shard into one HDF5 file; returns counts and timings. The ViT runs in
+    ``precision`` (autocast); the mask is built from its queries and keys in float32.
 
     An image that cannot be decoded raises :class:`ImageReadError` naming it (``on_bad_image``
     ``fail``) or is left out and listed in the shard's ``skipped`` attribute with the reason
@@ -187,6 +189,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
                          f"{list(BAD_IMAGE_POLICIES)}")
+    check_precision(precision, device)
     bb = s.backbone
     model = create_vit(bb.name, bb.pretrained, bb.checkpoint).to(device)
     patch = patch_size(model)
@@ -206,7 +209,8 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
                 skipped.append(_skipped(batch[0], on_bad_image))
                 continue
             x = torch.stack([d.tensor for d in batch]).to(device)
-            q, k = last_block_qk(model, x)
+            with autocast(device, precision):
+                q, k = last_block_qk(model, x)
             grid = (x.shape[-2] // patch, x.shape[-1] // patch)
             for i, d in enumerate(batch):
                 pm = mask_from_qk(q[i], k[i], grid, params, num_prefix)

@@ -257,7 +257,10 @@ DESCRIBE_KEYS = ("backbone", "crop_size", "batch_size")
 # Keys added after results may already exist, with the value that behaves as before the key did.
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
-                                          ("mining", "seed_from"): "affinity"}
+                                          ("mining", "seed_from"): "affinity",
+                                          ("precision",): "fp32",
+                                          **{(section, "gpus"): 1 for section in
+                                             ("pretrain", "detector", "segmentation", "linear_probe")}}
 
 
 def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +273,14 @@ def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
     return picked
 
 
+def launch_command(gpus: int) -> str:
+    """How a training rule starts the command line: ``maskdistill`` on one GPU; on several, one
+    process per GPU with torchrun on this node (``--threads`` is then shared among them)."""
+    if gpus <= 1:
+        return "maskdistill"
+    return f"torchrun --standalone --nproc_per_node {gpus} --no-python maskdistill"
+
+
 def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = ()) -> str:
     """The config sections a rule depends on, as compact JSON (its params, compared on reruns),
     with the package version (the command line checks it against its own).
@@ -278,7 +289,7 @@ def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = 
     does not rerun the feature extraction that shares the ``clustering`` section. Keys of
     :data:`LATER_KEYS` at their neutral value are left out.
     """
-    keep = {"device", "dataset", *sections}
+    keep = {"device", "precision", "dataset", *sections}
     picked = copy.deepcopy({k: v for k, v in config.items() if k in keep})
     for name in sections:
         if only:

@@ -115,6 +115,7 @@ class PretrainSettings:
     num_workers: int
     log_every: int
     seed: int
+    gpus: int
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class SgdSettings:
     num_workers: int
     log_every: int
     seed: int
+    gpus: int
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ class Settings:
     """Every section of a validated config."""
 
     device: str
+    precision: Literal["fp32", "bf16", "fp16"]
     dataset: DatasetSettings
     pretrain: PretrainSettings
     mining: MiningSettings
