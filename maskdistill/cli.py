@@ -232,13 +232,16 @@ def cmd_pretrain(a: argparse.Namespace, s: Settings) -> None:
 
         from maskdistill.datasets import list_image_folder
         from maskdistill.demo import generate_demo
+        from maskdistill.distributed import barrier, world
 
         root = ckpt / "scenes"
-        log.info("drawing %d demo train scenes for pretraining into %s", scenes, root)
-        generate_demo(root, replace(s.dataset.demo, num_train=scenes), splits=("train",))
+        if world().is_main:  # drawn once; the other processes wait for the scenes
+            log.info("drawing %d demo train scenes for pretraining into %s", scenes, root)
+            generate_demo(root, replace(s.dataset.demo, num_train=scenes), splits=("train",))
+        barrier()
         records = list_image_folder(root / "train" / "images")
     summary = pretrain_dino(records, Path(a.out), ckpt, s.pretrain, _device(s), s.dataset.on_bad_image,
-                            recipe)
+                            recipe, s.precision)
     log.info("pretrained %s on %d images, %d steps", summary["arch"], summary["images"], summary["steps"])
 
 
@@ -254,7 +257,8 @@ def cmd_mine(a: argparse.Namespace, s: Settings) -> None:
     records = read_image_list(a.image_list) if a.image_list else _records(s, a.split)
     shard = shard_records(records, a.shard, s.dataset.num_shards)
     log.info("split %s shard %d: %d of %d images", a.split, a.shard, len(shard), len(records))
-    stats = mine_shard(shard, Path(a.out), s.mining, _device(s), s.dataset.on_bad_image, weights)
+    stats = mine_shard(shard, Path(a.out), s.mining, _device(s), s.dataset.on_bad_image, weights,
+                       s.precision)
     log.info("done: %s", stats)
 
 
@@ -279,7 +283,8 @@ def cmd_cluster_features(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.clustering import describe_shard
 
     weights = _vit_weights(s, "clustering.backbone", a.weights_manifest)
-    describe_shard(Path(a.masks), _images_root(s, a.split), Path(a.out), s.clustering, _device(s), weights)
+    describe_shard(Path(a.masks), _images_root(s, a.split), Path(a.out), s.clustering, _device(s), weights,
+                   s.precision)
 
 
 @command("cluster", "K-means over all shards -> COCO pseudo-labels per split",
@@ -324,7 +329,8 @@ def cmd_train_detector(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.settings import as_config
 
     ckpt = _checkpoints(a.checkpoint_dir, as_config(s.detector), _digest(a.train_json))
-    get_backend(s.detector, _device(s)).train(Path(a.train_json), _images_root(s, "train"), ckpt, Path(a.out))
+    backend = get_backend(s.detector, _device(s), s.precision)
+    backend.train(Path(a.train_json), _images_root(s, "train"), ckpt, Path(a.out))
 
 
 @command("predict-detector", "Mask R-CNN predictions for a split",
@@ -332,7 +338,8 @@ def cmd_train_detector(a: argparse.Namespace, s: Settings) -> None:
 def cmd_predict_detector(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.detector import get_backend
 
-    get_backend(s.detector, _device(s)).predict(Path(a.model), _records(s, a.split, a.skipped), Path(a.out))
+    backend = get_backend(s.detector, _device(s), s.precision)
+    backend.predict(Path(a.model), _records(s, a.split, a.skipped), Path(a.out))
 
 
 @command("pseudo-labels", "COCO instances/predictions -> label PNGs (score >= pseudo_labels.tau)",
@@ -359,7 +366,7 @@ def cmd_train_segmentation(a: argparse.Namespace, s: Settings) -> None:
     ckpt = _checkpoints(a.checkpoint_dir, dict(as_config(s.segmentation), num_classes=s.num_labels),
                         _digest(a.labels))
     train_segmentation(_records(s, "train", a.skipped), Path(a.labels), ckpt, Path(a.out), s.segmentation,
-                       s.num_labels, _device(s))
+                       s.num_labels, _device(s), s.precision)
 
 
 @command("predict-segmentation", "segment a split -> label PNGs",
@@ -368,7 +375,7 @@ def cmd_predict_segmentation(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.segmentation import predict_segmentation
 
     predict_segmentation(Path(a.model), _records(s, a.split, a.skipped), Path(a.out), _device(s),
-                         s.segmentation.test_short_side)
+                         s.segmentation.test_short_side, precision=s.precision)
 
 
 @command("crf-refine", "dense-CRF-refine a split's label PNGs (settings: crf)", SPLIT,
@@ -403,7 +410,7 @@ def cmd_segment(a: argparse.Namespace, s: Settings) -> None:
     summary = segment_images(Path(a.model), records_from_paths(a.images), Path(a.out), _device(s),
                              short_side=s.segmentation.test_short_side, batch_size=s.segment.batch_size,
                              class_names=names, on_bad_image=s.dataset.on_bad_image,
-                             overlay_alpha=s.segment.overlay_alpha)
+                             overlay_alpha=s.segment.overlay_alpha, precision=s.precision)
     log.info("segmented %d images (%d skipped) into %s", summary["images"], summary["skipped"], a.out)
 
 
@@ -537,6 +544,7 @@ def cmd_mask_ap(a: argparse.Namespace, s: Settings) -> None:
                                    "default: the 21 VOC classes"),
          SKIPPED, CHECKPOINTS, arg("--out-model", required=True), arg("--out-metrics", required=True))
 def cmd_linear_probe(a: argparse.Namespace, s: Settings) -> None:
+    from maskdistill.distributed import world
     from maskdistill.linear_probe import evaluate_probe, load_probe, train_linear_probe
     from maskdistill.settings import as_config
     from maskdistill.storage import write_json
@@ -548,8 +556,10 @@ def cmd_linear_probe(a: argparse.Namespace, s: Settings) -> None:
     ckpt = _checkpoints(a.checkpoint_dir, dict(as_config(s.linear_probe), num_classes=len(names)),
                         _digest(a.model), _digest(a.train_labels))
     train_linear_probe(Path(a.model), train, Path(a.train_labels), ckpt, Path(a.out_model), s.linear_probe,
-                       len(names), device)
-    probe = load_probe(Path(a.out_model), Path(a.model), device)
+                       len(names), device, s.precision)
+    if not world().is_main:  # one process evaluates and writes the metrics
+        return
+    probe = load_probe(Path(a.out_model), Path(a.model), device, s.precision)
     metrics = evaluate_probe(probe, val, Path(a.val_labels), names, device, s.segmentation.test_short_side,
                              s.crf if s.evaluation.crf else None)
     metrics.update(epochs=s.linear_probe.epochs, num_train_images=len(train), class_names=names,
@@ -615,7 +625,8 @@ def cmd_stage_figure(a: argparse.Namespace, s: Settings) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="maskdistill", description=__doc__)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default); "
+                        "under torchrun, those of the whole job, shared among its processes")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -629,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; errors become one clear line and exit status 1."""
+    from maskdistill.distributed import session, world_from_env
     from maskdistill.training import setup_logging
 
     args = build_parser().parse_args(argv)
@@ -638,9 +650,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(max(1, args.threads // world_from_env().world_size))
         config = getattr(args, "config", None)
-        cmd.handler(args, read_settings(config) if config else load_settings())
+        settings = read_settings(config) if config else load_settings()
+        with session(settings.device):  # one process per GPU under torchrun; else a no-op
+            cmd.handler(args, settings)
     except (ConfigError, OSError, ValueError, RuntimeError) as err:
         log.error("%s", err)
         print(f"maskdistill {args.command}: error: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ from maskdistill.storage import (
     read_mask_shard,
     write_json,
 )
-from maskdistill.training import progress
+from maskdistill.training import autocast, check_precision, progress
 
 log = logging.getLogger("maskdistill")
 
@@ -40,13 +40,14 @@ def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
 
 
 def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: ClusteringSettings,
-                   device: torch.device, weights_file: Path | None = None) -> int:
-    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features); returns the count.
+                   device: torch.device, weights_file: Path | None = None, precision: str = "fp32") -> int:
+    """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features, float32); returns the count.
 
     Images are decoded and cropped in ``s.decode_threads`` threads ahead of the ViT, which embeds
-    ``s.batch_size`` crops per forward pass. ``weights_file``: the local file of the backbone's
-    hub weights (:mod:`maskdistill.weights_cache`).
+    ``s.batch_size`` crops per forward pass in ``precision`` (autocast). ``weights_file``: the local
+    file of the backbone's hub weights (:mod:`maskdistill.weights_cache`).
     """
+    check_precision(precision, device)
     bb = s.backbone
     model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
     items = read_mask_shard(mask_shard)
@@ -57,7 +58,8 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
         batches = progress(batched(crops, s.batch_size), total=-(-len(items) // s.batch_size),
                            desc=f"describing {Path(mask_shard).name}", unit="batch")
         for batch in batches:
-            feats.append(cls_features(model, torch.stack(batch).to(device)).float().cpu().numpy())
+            with autocast(device, precision):
+                feats.append(cls_features(model, torch.stack(batch).to(device)).float().cpu().numpy())
     log.info("described %d masks of %s", len(items), mask_shard)
     dim = int(model.num_features)
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)

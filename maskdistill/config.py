@@ -94,6 +94,11 @@ def _check_semantics(cfg: dict[str, Any]) -> None:
     lo, hi = cfg["detector"]["train_min_size"]
     if lo > hi:
         raise ConfigError("config key 'detector.train_min_size': first value exceeds the second")
+    for section in ("pretrain", "detector", "segmentation", "linear_probe"):
+        batch, gpus = cfg[section]["batch_size"], cfg[section]["gpus"]
+        if batch % gpus:
+            raise ConfigError(f"config key '{section}.batch_size': {batch} does not split into equal shares "
+                              f"over {section}.gpus={gpus}; make it a multiple of {gpus}")
 
 
 # Local files and folders a config may name: (dotted key, "file" | "dir", when it applies).

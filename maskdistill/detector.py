@@ -19,12 +19,14 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from maskdistill import distributed
 from maskdistill.backbone import load_resnet_weights
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
 from maskdistill.settings import DetectorSettings, as_config, stored_settings
@@ -32,8 +34,11 @@ from maskdistill.storage import decode_segmentation, encode_rle, read_json, writ
 from maskdistill.training import (
     Losses,
     TrainingRun,
+    autocast_forward,
+    check_precision,
     fit,
     load_model,
+    memory_format,
     progress,
     save_model,
     seed_everything,
@@ -118,7 +123,54 @@ def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = T
     logits = model.roi_heads.mask_predictor.mask_fcn_logits
     nn.init.normal_(logits.weight, std=0.001)
     nn.init.zeros_(logits.bias)
+    model.rpn.fg_bg_sampler = ImageSeededSampler(s.rpn_batch_size_per_image, 0.5)
+    model.roi_heads.fg_bg_sampler = ImageSeededSampler(s.roi_batch_size_per_image, 0.25)
     return model
+
+
+def mixed_precision_modules(model: MaskRCNN) -> tuple[nn.Module, ...]:
+    """The parts of Mask R-CNN that run under autocast with mixed precision: the ResNet-FPN, the RPN
+    head and the box and mask heads. The box predictor, box decoding and the losses stay in float32
+    (bfloat16 box coordinates would be off by pixels)."""
+    return (model.backbone, model.rpn.head, model.roi_heads.box_head, model.roi_heads.mask_head)
+
+
+class ImageSeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's sampler of the positive and negative anchors (RPN) or proposals (box head) that
+    each training image contributes, drawn from a generator of the image's own: ``seeds[i]`` for
+    the i-th image of the forward pass. Seeded by (seed, step, image), a step draws the same samples
+    whether its batch runs in one process or is split over several, and again after a resume."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.seeds: list[int] = []
+
+    def __call__(self, matched_idxs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if len(self.seeds) != len(matched_idxs):
+            raise RuntimeError(f"sampler seeded for {len(self.seeds)} images, called for {len(matched_idxs)}")
+        pos_masks, neg_masks = [], []
+        for seed, matched in zip(self.seeds, matched_idxs, strict=True):
+            g = torch.Generator(device=matched.device).manual_seed(seed)
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            chosen_pos = positive[torch.randperm(len(positive), generator=g, device=g.device)[:num_pos]]
+            chosen_neg = negative[torch.randperm(len(negative), generator=g, device=g.device)[:num_neg]]
+            pos, neg = (torch.zeros_like(matched, dtype=torch.uint8) for _ in range(2))
+            pos[chosen_pos] = 1
+            neg[chosen_neg] = 1
+            pos_masks.append(pos)
+            neg_masks.append(neg)
+        return pos_masks, neg_masks
+
+
+def seed_samplers(model: MaskRCNN, seed: int, step: int, images: Sequence[int]) -> None:
+    """Seed the RPN's and the box head's samplers for one training step of dataset ``images``."""
+    seeds = [int(np.random.SeedSequence([seed % 2**32, step, int(i)]).generate_state(1, np.uint64)[0] >> 1)
+             for i in images]
+    model.rpn.fg_bg_sampler.seeds = seeds
+    model.roi_heads.fg_bg_sampler.seeds = seeds
 
 
 # ---------------------------------------------------------------- training data
@@ -217,15 +269,18 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: Sequenc
 class TorchvisionMaskRCNN:
     """torchvision Mask R-CNN with a ResNet-FPN backbone."""
 
-    def __init__(self, s: DetectorSettings, device: torch.device | str):
+    def __init__(self, s: DetectorSettings, device: torch.device | str, precision: str = "fp32"):
         self.s = s
         self.device = torch.device(device)
+        self.precision = precision
         self.history: list[dict[str, float]] = []  # losses of the steps run by the last train()
 
     def train(self, train_json: Path, images_root: Path, checkpoint_dir: Path,
               out_model: Path) -> None:
-        """Train (resuming from ``checkpoint_dir/last.pt``) and write the final model file."""
+        """Train (resuming from ``checkpoint_dir/last.pt``) and write the final model file (rank 0 of
+        several processes, which each take a share of every batch)."""
         s = self.s
+        distributed.check_batch_size(s.batch_size, "detector.batch_size")
         dataset = CocoInstances(Path(train_json), Path(images_root))
         if len(dataset) == 0:
             raise ValueError(f"{train_json}: no image has an annotation to train on")
@@ -241,30 +296,42 @@ class TorchvisionMaskRCNN:
         result = fit(TrainingRun(
             name="detector", model=model, optimizer=optimizer, epochs=s.epochs,
             steps_per_epoch=steps_per_epoch, batches=lambda epoch: self._batches(dataset, epoch),
-            loss=lambda batch, _step: self._loss(model, batch), checkpoint_dir=Path(checkpoint_dir),
-            log_every=s.log_every, scheduler=scheduler, scheduler_interval="step",
-            checkpoint_every=s.checkpoint_every_epochs, meta={"num_classes": dataset.num_classes}))
+            loss=lambda net, batch, step: self._loss(model, net, batch, step),
+            checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every, scheduler=scheduler,
+            scheduler_interval="step", checkpoint_every=s.checkpoint_every_epochs,
+            meta={"num_classes": dataset.num_classes}, precision=self.precision,
+            autocast_modules=mixed_precision_modules(model), channels_last=True))
         self.history = result.history
-        save_model(out_model, model.state_dict(), num_classes=dataset.num_classes, cfg=as_config(s),
-                   categories=dataset.categories, steps=result.steps)
-        log.info("detector: wrote %s after %d steps", out_model, result.steps)
+        if distributed.world().is_main:
+            save_model(out_model, model.state_dict(), num_classes=dataset.num_classes, cfg=as_config(s),
+                       categories=dataset.categories, steps=result.steps)
+            log.info("detector: wrote %s after %d steps", out_model, result.steps)
 
-    def _batches(self, dataset: CocoInstances, epoch: int) -> Iterator[tuple[Any, int]]:
-        """The batches of one epoch, each with the shorter-side size it is trained at."""
+    def _batches(self, dataset: CocoInstances, epoch: int) -> Iterator[tuple[Any, int, float, list[int]]]:
+        """This process's share of each batch of one epoch, with the shorter-side size it is trained
+        at, the share's fraction of the batch and the dataset indices of its images."""
         s = self.s
         batches, sizes = epoch_plan(len(dataset), s.batch_size, s.train_min_size, s.seed, epoch)
+        shares = distributed.shared_batches(batches)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=s.num_workers,
-            pin_memory=self.device.type == "cuda")
-        return zip(loader, sizes, strict=True)
+            dataset, batch_sampler=[share for _, share, _ in shares], collate_fn=_collate,
+            num_workers=s.num_workers, pin_memory=self.device.type == "cuda")
+        return zip(loader, [sizes[i] for i, _, _ in shares], [f for _, _, f in shares],
+                   [[index for index, _ in share] for _, share, _ in shares], strict=True)
 
-    def _loss(self, model: MaskRCNN, batch: tuple[Any, int]) -> Losses:
-        """Mask R-CNN's summed losses on one batch, and each loss to log (plus ``total``)."""
-        (images, targets), size = batch
+    def _loss(self, model: MaskRCNN, net: nn.Module, batch: tuple[Any, int, float, list[int]],
+              step: int) -> Losses:
+        """Mask R-CNN's summed losses on one batch (``net`` is ``model`` or its DDP wrapper), and
+        each loss to log (plus ``total``); a share of a batch contributes its losses weighed by its
+        fraction of the batch."""
+        (images, targets), size, fraction, indices = batch
         model.transform.min_size = (size,)
+        seed_samplers(model, self.s.seed, step, indices)
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
+        losses = net(images, targets)
+        if fraction != 1.0:
+            losses = {k: v * fraction for k, v in losses.items()}
         total = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}
         return total, values
@@ -278,7 +345,12 @@ class TorchvisionMaskRCNN:
         model = build_model(arch, saved["num_classes"], load_pretrained=False)
         model.load_state_dict(saved["state_dict"])
         model.transform.min_size = (self.s.test_min_size,)
-        return model.to(self.device).eval(), saved
+        model = model.to(self.device).eval()
+        check_precision(self.precision, self.device)
+        memory_format(model, self.precision)
+        for module in mixed_precision_modules(model):
+            autocast_forward(module, self.device, self.precision)
+        return model, saved
 
     def predict(self, model_path: Path, records: list[ImageRecord], out_json: Path) -> None:
         """Write COCO-format predictions for every record to ``out_json`` (atomically).
@@ -342,10 +414,10 @@ def _annotations(out: dict[str, torch.Tensor], image_id: int,
 BACKENDS: dict[str, type] = {"torchvision": TorchvisionMaskRCNN}
 
 
-def get_backend(s: DetectorSettings, device: torch.device | str) -> DetectorBackend:
-    """The detector implementation named by ``s.backend``."""
+def get_backend(s: DetectorSettings, device: torch.device | str, precision: str = "fp32") -> DetectorBackend:
+    """The detector implementation named by ``s.backend``, computing in ``precision``."""
     if s.backend not in BACKENDS:
         raise ValueError(f"config key 'detector.backend': unknown backend '{s.backend}', "
                          f"available: {sorted(BACKENDS)}")
-    return BACKENDS[s.backend](s, torch.device(device))
+    return BACKENDS[s.backend](s, torch.device(device), precision)
 

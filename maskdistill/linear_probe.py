@@ -20,9 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from maskdistill import distributed
 from maskdistill.images import ImageRecord, read_rgb
 from maskdistill.metrics import confusion_matrix, miou_after_matching
-from maskdistill.segmentation import SegmentationDataset, load_segmentation_model, predict_label_map
+from maskdistill.segmentation import (
+    SegmentationDataset,
+    load_segmentation_model,
+    mixed_precision,
+    predict_label_map,
+)
 from maskdistill.settings import CrfSettings, LinearProbeSettings, as_config
 from maskdistill.storage import IGNORE_LABEL, read_label_png
 from maskdistill.training import Losses, TrainingRun, fit, load_model, progress, save_model, seed_everything
@@ -74,15 +80,17 @@ def _check_labels(records: Sequence[ImageRecord], labels_dir: Path, split: str) 
 
 def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], labels_dir: Path,
                        checkpoint_dir: Path, out_model: Path, s: LinearProbeSettings, num_classes: int,
-                       device: torch.device) -> None:
+                       device: torch.device, precision: str = "fp32") -> None:
     """Train the probe's classifier on ``labels_dir/<key>.png``; resumable per epoch.
 
-    Writes ``out_model``: the classifier's weights (``state_dict``), ``num_classes``, the
-    segmentation model it sits on and the settings (``cfg``).
+    Writes ``out_model`` (rank 0 of several processes): the classifier's weights (``state_dict``),
+    ``num_classes``, the segmentation model it sits on and the settings (``cfg``).
     """
     labels_dir = Path(labels_dir)
     _check_labels(records, labels_dir, "train")
     batch_size = min(s.batch_size, len(records))
+    distributed.check_batch_size(batch_size, "linear_probe.batch_size")
+    shared = distributed.world().distributed
     seed_everything(s.seed)
     probe = build_probe(segmentation_model, num_classes, device)
     optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=s.lr, momentum=s.momentum,
@@ -93,34 +101,45 @@ def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], lab
 
     def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed + epoch))
-        return DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
-                          num_workers=s.num_workers)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist()
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        shares = distributed.shared_batches(chunks)
+        return DataLoader(dataset, batch_sampler=[share for _, share, _ in shares], num_workers=s.num_workers)
 
-    def loss(batch: tuple[torch.Tensor, torch.Tensor], _step: int) -> Losses | None:
+    def loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _step: int) -> Losses | None:
         images, labels = (t.to(device) for t in batch)
+        if shared:  # mean over the valid pixels of the whole batch: this process's part of it
+            valid = distributed.all_sum((labels != IGNORE_LABEL).sum())
+            if valid.item() == 0:
+                return None  # every process sees the same count, and passes over the batch
+            value = F.cross_entropy(net(images)["out"], labels, ignore_index=IGNORE_LABEL,
+                                    reduction="sum") / valid
+            return value, {"loss": value.item()}
         if (labels == IGNORE_LABEL).all():
             return None  # a batch of ignored pixels only: nothing to learn, no step
-        value = F.cross_entropy(probe(images)["out"], labels, ignore_index=IGNORE_LABEL)
+        value = F.cross_entropy(net(images)["out"], labels, ignore_index=IGNORE_LABEL)
         return value, {"loss": value.item()}
 
     # only the classifier is trained and checkpointed; the frozen model stays in eval mode
     result = fit(TrainingRun(
         name="linear_probe", model=probe.classifier, optimizer=optimizer, epochs=s.epochs,
         steps_per_epoch=-(-len(records) // batch_size), batches=batches, loss=loss,
-        checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every, scheduler=scheduler))
-    save_model(out_model, probe.classifier.state_dict(), segmentation_model=str(segmentation_model),
-               num_classes=num_classes, cfg=as_config(s), epochs=s.epochs,
-               num_train_images=len(records))
-    log.info("linear probe written to %s (%d steps)", out_model, result.steps)
+        checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every, scheduler=scheduler,
+        network=probe, precision=precision, channels_last=True))
+    if distributed.world().is_main:
+        save_model(out_model, probe.classifier.state_dict(), segmentation_model=str(segmentation_model),
+                   num_classes=num_classes, cfg=as_config(s), epochs=s.epochs,
+                   num_train_images=len(records))
+        log.info("linear probe written to %s (%d steps)", out_model, result.steps)
 
 
-def load_probe(probe_path: Path, segmentation_model: Path, device: torch.device) -> LinearProbe:
-    """A trained probe (eval mode) from :func:`train_linear_probe`."""
+def load_probe(probe_path: Path, segmentation_model: Path, device: torch.device,
+               precision: str = "fp32") -> LinearProbe:
+    """A trained probe (eval mode, for inference in ``precision``) from :func:`train_linear_probe`."""
     state = load_model(probe_path, "linear probe", "num_classes")
     probe = build_probe(segmentation_model, state["num_classes"], device)
     probe.classifier.load_state_dict(state["state_dict"])
-    return probe.eval()
+    return mixed_precision(probe.eval(), device, precision)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from maskdistill.images import (
 )
 from maskdistill.settings import MiningSettings
 from maskdistill.storage import MaskShardWriter, MinedMask, SkippedImage, mask_to_box
+from maskdistill.training import autocast, check_precision
 
 log = logging.getLogger("maskdistill")
 
@@ -199,8 +200,10 @@ def mining_params(s: MiningSettings) -> MiningParams:
 
 
 def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, device: torch.device,
-               on_bad_image: str = "fail", weights_file: Path | None = None) -> dict[str, Any]:
-    """Mine every image of a shard into one HDF5 file; returns counts and timings.
+               on_bad_image: str = "fail", weights_file: Path | None = None,
+               precision: str = "fp32") -> dict[str, Any]:
+    """Mine every image of a shard into one HDF5 file; returns counts and timings. The ViT runs in
+    ``precision`` (autocast); the mask is built from its queries and keys in float32.
 
     Images are read ahead in ``s.decode_threads`` threads, in the order of :func:`shape_order`
     (their sizes come from the headers), so that each forward pass holds ``s.batch_size`` images
@@ -213,6 +216,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
                          f"{list(BAD_IMAGE_POLICIES)}")
+    check_precision(precision, device)
     bb = s.backbone
     model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
     patch = patch_size(model)
@@ -233,7 +237,8 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
                 skipped.append((batch[0].slot, _skipped(batch[0], on_bad_image)))
                 continue
             x = torch.stack([d.tensor for d in batch]).to(device)
-            q, k = last_block_qk(model, x)
+            with autocast(device, precision):
+                q, k = last_block_qk(model, x)
             grid = (x.shape[-2] // patch, x.shape[-1] // patch)
             for i, d in enumerate(batch):
                 pm = mask_from_qk(q[i], k[i], grid, params, num_prefix)

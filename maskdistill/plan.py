@@ -274,7 +274,10 @@ FEATURE_KEYS = ("backbone", "crop_size", "batch_size", "decode_threads")
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
                                           ("mining", "seed_from"): "affinity",
-                                          ("clustering", "decode_threads"): 1}
+                                          ("clustering", "decode_threads"): 1,
+                                          ("precision",): "fp32",
+                                          **{(section, "gpus"): 1 for section in
+                                             ("pretrain", "detector", "segmentation", "linear_probe")}}
 
 
 def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +290,14 @@ def _without_later_keys(picked: dict[str, Any]) -> dict[str, Any]:
     return picked
 
 
+def launch_command(gpus: int) -> str:
+    """How a training rule starts the command line: ``maskdistill`` on one GPU; on several, one
+    process per GPU with torchrun on this node (``--threads`` is then shared among them)."""
+    if gpus <= 1:
+        return "maskdistill"
+    return f"torchrun --standalone --nproc_per_node {gpus} --no-python maskdistill"
+
+
 def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = ()) -> str:
     """The config sections a rule depends on, as compact JSON (its params, compared on reruns),
     with the package version (the command line checks it against its own).
@@ -295,7 +306,7 @@ def rule_config(config: dict[str, Any], *sections: str, only: tuple[str, ...] = 
     does not rerun the feature extraction that shares the ``clustering`` section. Keys of
     :data:`LATER_KEYS` at their neutral value are left out.
     """
-    keep = {"device", "dataset", *sections}
+    keep = {"device", "precision", "dataset", *sections}
     picked = copy.deepcopy({k: v for k, v in config.items() if k in keep})
     for name in sections:
         if only:

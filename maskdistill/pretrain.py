@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from maskdistill import distributed
 from maskdistill.backbone import check_vit_name
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, ImageRecord, read_rgb
 from maskdistill.settings import PretrainSettings, as_config
@@ -125,19 +126,21 @@ class DinoLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
-        batch_center = teacher.mean(dim=0, keepdim=True)
+        """EMA of the teacher's mean output over the (global) batch."""
+        batch_center = distributed.batch_mean(teacher)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, iterations: int = 3) -> Tensor:
     """Soft assignments of B samples to K prototypes with equal prototype mass over the batch
-    (alternating column and row normalisation of exp(logits)); each row sums to 1."""
-    q = torch.exp(logits.double() - logits.max()).t()  # K x B
-    q /= q.sum()
-    k, b = q.shape
+    (alternating column and row normalisation of exp(logits)); each row sums to 1. With several
+    processes the batch is the global one: sums over samples add up every process's."""
+    q = torch.exp(logits.double() - distributed.all_max(logits.max())).t()  # K x B
+    q /= distributed.all_sum(q.sum())
+    k, b = q.shape[0], q.shape[1] * distributed.world().world_size
     for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True) * k
+        q /= distributed.all_sum(q.sum(dim=1, keepdim=True)) * k
         q /= q.sum(dim=0, keepdim=True) * b
     return (q * b).t().to(logits.dtype)
 
@@ -329,16 +332,21 @@ class DinoSteps:
             if g == 0:
                 group["weight_decay"] = float(self.sched.weight_decay[step])
 
-    def loss(self, crops: list[Tensor], step: int) -> Losses:
-        """DINO loss of a multi-crop batch (plus the weighted KoLeo term); logs both."""
+    def loss(self, student: nn.Module, crops: list[Tensor], step: int) -> Losses:
+        """DINO loss of a multi-crop batch (plus the weighted KoLeo term); logs both. ``student`` is
+        the student or its DDP wrapper; a process's equal share of the batch contributes 1/N of
+        its loss (KoLeo: the nearest neighbours within the share, as DINOv2 does)."""
         crops = [c.to(self.device, non_blocking=True) for c in crops]
         with torch.no_grad():
             teacher_out = self.teacher(crops[:2])
-        student_out, student_cls = self.student(crops, return_cls=True)
+        student_out, student_cls = student(crops, return_cls=True)
         dino = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[step]))
         koleo = sum(koleo_loss(c) for c in student_cls[:2 * len(crops[0])].chunk(2))
         weight = self.s.koleo_weight
         total = dino + weight * koleo if weight > 0 else dino
+        processes = distributed.world().world_size
+        if processes > 1:
+            total, dino, koleo = total / processes, dino / processes, koleo / processes
         return total, {"loss": dino.item(), "koleo": float(koleo.detach())}
 
     def edit_gradients(self, _step: int, epoch: int) -> None:
@@ -363,50 +371,71 @@ class DinoSteps:
             "lr": float(self.sched.lr[last]), "teacher_momentum": float(self.sched.momentum[last])})
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled image order of one epoch (the order a shuffling DataLoader seeded with
+    ``seed * 1000 + epoch`` draws, after its worker seed)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's worker seed comes first
+    return torch.randperm(n, generator=g).tolist()
+
+
 def pretrain_dino(records: list[ImageRecord], out: Path, checkpoint_dir: Path, s: PretrainSettings,
                   device: torch.device, on_bad_image: str = "fail",
-                  data_recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+                  data_recipe: dict[str, Any] | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Train a ViT with DINO on ``records``; write the teacher backbone to ``out`` (safetensors)
     and its training curve next to it (``<out>.curve.json``). Resumes from ``checkpoint_dir``.
     ``data_recipe`` (e.g. the demo generator's settings) is recorded in the weights' metadata.
+    With several processes each takes a share of every batch (and draws its own crops); rank 0
+    writes the files.
 
     Returns the summary written to the curve file: arch, images, out_dim, skipped, steps, curve.
     """
+    world = distributed.world()
     seed_everything(s.seed)
     transform = MultiCrop(s.global_crop_size, s.local_crop_size, s.local_crops, s.global_scale,
                           s.local_scale, s.color_jitter, s.grayscale_p, s.solarize_p)
     data = ImageCrops(records, transform, on_bad_image)
     batch_size = min(s.batch_size, len(data))
+    distributed.check_batch_size(batch_size, "pretrain.batch_size")
     steps_per_epoch = max(len(data) // batch_size, 1)
     sched = schedules(s, steps_per_epoch, batch_size)
     student, teacher = build_student_teacher(s.arch, s.out_dim, s.drop_path, s.head_hidden_dim,
                                              s.head_bottleneck_dim, s.head_batchnorm, s.norm_last_layer)
     student.to(device)
     teacher.to(device)
+    if world.distributed:  # the teacher's BatchNorm (head_batchnorm) sees the global batch too
+        teacher = distributed.convert_sync_batchnorm(teacher, device)
+    if world.rank:  # random crops and stochastic depth of its own (DDP gives every process rank 0's weights)
+        torch.manual_seed(s.seed * 1000 + world.rank)
     loss_fn = DinoLoss(s.out_dim, 2 + s.local_crops, s.student_temp, centering=s.centering,
                        sinkhorn_iterations=s.sinkhorn_iterations).to(device)
     optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)
     job = DinoSteps(s, student, teacher, loss_fn, optimizer, sched, steps_per_epoch, device)
 
     def batches(epoch: int) -> torch.utils.data.DataLoader:
+        order = epoch_order(len(data), s.seed, epoch)
+        full = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        workers = torch.Generator().manual_seed(s.seed * 1000 + epoch + 7919 * world.rank)
         return torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=_collate,
-            generator=torch.Generator().manual_seed(s.seed * 1000 + epoch), num_workers=s.num_workers)
+            data, batch_sampler=[share for _, share, _ in distributed.shared_batches(full)],
+            collate_fn=_collate, generator=workers, num_workers=s.num_workers)
 
     result = fit(TrainingRun(
         name="dino", model=student, optimizer=optimizer, epochs=s.epochs, steps_per_epoch=steps_per_epoch,
         batches=batches, loss=job.loss, checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every,
         state={"teacher": teacher, "loss": loss_fn}, extra=job.extra, before_step=job.set_schedules,
         before_update=job.edit_gradients, after_step=job.update_teacher, after_epoch=job.record_epoch,
-        hint="; lower pretrain.lr"))
+        hint="; lower pretrain.lr", precision=precision))
     curve = job.extra["curve"]
+    summary = {"arch": s.arch, "images": len(data), "out_dim": s.out_dim, "skipped": data.skipped,
+               "steps": result.steps, "curve": curve}
+    if not world.is_main:
+        return summary
     export_backbone(teacher.backbone, out, {"arch": s.arch, "epochs": str(s.epochs),
                                             "images": str(len(data)),
                                             "pretrain_config": json.dumps(as_config(s), sort_keys=True,
                                                                           default=str),
                                             "data_recipe": json.dumps(data_recipe or {}, sort_keys=True)})
-    summary = {"arch": s.arch, "images": len(data), "out_dim": s.out_dim, "skipped": data.skipped,
-               "steps": result.steps, "curve": curve}
     write_json(Path(str(out) + ".curve.json"), summary)
     return summary
 

@@ -43,7 +43,7 @@ from maskdistill.images import (
 )
 from maskdistill.input_report import write_input_report
 from maskdistill.report import colourise
-from maskdistill.segmentation import load_segmentation_model
+from maskdistill.segmentation import load_segmentation_model, mixed_precision
 from maskdistill.storage import atomic_path, read_json, write_label_png
 from maskdistill.training import progress
 
@@ -322,9 +322,9 @@ def check_options(records: Sequence[ImageRecord], short_side: int | None, batch_
 def segment_images(model_path: Path, records: list[ImageRecord], out_dir: Path, device: torch.device, *,
                    short_side: int | None = None, batch_size: int = 4,
                    class_names: Sequence[str] | None = None, on_bad_image: str = "fail",
-                   overlay_alpha: float = 0.5) -> dict[str, Any]:
-    """Segment ``records`` with the model at ``model_path``; write label maps, overlays, the area
-    tables and the input report under ``out_dir`` (see the module docstring).
+                   overlay_alpha: float = 0.5, precision: str = "fp32") -> dict[str, Any]:
+    """Segment ``records`` with the model at ``model_path`` (in ``precision``); write label maps,
+    overlays, the area tables and the input report under ``out_dir`` (see the module docstring).
 
     ``class_names[i]`` names label i (default ``background``, ``cluster 1`` ..). An unreadable image
     raises :class:`ImageReadError` naming it under ``on_bad_image="fail"``; under ``"skip"`` it is
@@ -334,6 +334,7 @@ def segment_images(model_path: Path, records: list[ImageRecord], out_dir: Path, 
     check_options(records, short_side, batch_size, on_bad_image, overlay_alpha)
     out_dir = Path(out_dir)
     model, num_classes = load_segmentation_model(Path(model_path), device)
+    mixed_precision(model, device, precision)
     if num_classes > 256:
         raise ValueError(f"{model_path}: {num_classes} labels do not fit the uint8 label maps (256 at most)")
     names = checked_class_names(class_names, num_classes, Path(model_path))

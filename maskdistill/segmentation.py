@@ -18,11 +18,23 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from maskdistill import distributed
 from maskdistill.backbone import load_resnet_weights
 from maskdistill.images import ImageRecord, read_rgb, resized_hw, to_tensor
 from maskdistill.settings import SegmentationSettings, as_config, stored_settings
 from maskdistill.storage import IGNORE_LABEL, read_label_png, write_label_png
-from maskdistill.training import Losses, TrainingRun, fit, load_model, progress, save_model, seed_everything
+from maskdistill.training import (
+    Losses,
+    TrainingRun,
+    autocast_forward,
+    check_precision,
+    fit,
+    load_model,
+    memory_format,
+    progress,
+    save_model,
+    seed_everything,
+)
 
 log = logging.getLogger("maskdistill")
 
@@ -39,16 +51,34 @@ def hard_pixel_cross_entropy(logits: Tensor, target: Tensor, fraction: float = 0
     """Mean cross-entropy of the ``fraction`` hardest valid pixels of the whole batch.
 
     Keeps exactly ``k = max(1, int(fraction * n_valid))`` pixels; all pixels ignored -> a zero loss
-    that is still connected to ``logits``.
+    that is still connected to ``logits``. With several processes, each holding a share of the
+    batch, the hardest pixels are those of the whole batch and the result is this process's
+    contribution: its chosen pixels' losses over ``k`` (the contributions add up to the loss).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"hard pixel fraction must lie in (0, 1], got {fraction}")
     per_pixel = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
     losses = per_pixel[target != ignore_index]
+    if distributed.world().distributed:
+        return _shared_hard_pixels(losses, logits, fraction)
     if losses.numel() == 0:
         return logits.sum() * 0.0
     k = max(1, int(fraction * losses.numel()))
     return torch.topk(losses, k, sorted=False).values.mean()
+
+
+def _shared_hard_pixels(losses: Tensor, logits: Tensor, fraction: float) -> Tensor:
+    """This process's part of the hard-pixel loss of a batch shared among processes: the k-th
+    largest loss of the whole batch is found from every process's k largest."""
+    n = int(distributed.all_sum(torch.tensor([losses.numel()], device=losses.device)).item())
+    if n == 0:
+        return logits.sum() * 0.0
+    k = max(1, int(fraction * n))
+    mine = torch.full((k,), float("-inf"), device=losses.device, dtype=losses.dtype)
+    top = torch.topk(losses.detach(), min(k, losses.numel())).values
+    mine[: len(top)] = top
+    threshold = torch.topk(distributed.all_gather(mine), k).values[-1]
+    return losses[losses >= threshold].sum() / k
 
 
 # ---------------------------------------------------------------- model
@@ -224,12 +254,19 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The full global batches of one epoch (image indices, shuffled by (seed, epoch))."""
+    order = _epoch_order(n, seed, epoch)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
 def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_dir: Path,
                        out_model: Path, s: SegmentationSettings, num_classes: int,
-                       device: torch.device) -> None:
+                       device: torch.device, precision: str = "fp32") -> None:
     """Train DeepLab-v3 on ``{labels_dir}/{key}.png``; resumable from ``checkpoint_dir/last.pt``.
 
-    Writes ``out_model`` with the weights, ``num_classes`` and the settings (``cfg``).
+    Writes ``out_model`` with the weights, ``num_classes`` and the settings (``cfg``). With several
+    processes each trains on its share of every batch and rank 0 writes the model.
     """
     labels_dir = Path(labels_dir)
     _check_labels(records, labels_dir)
@@ -238,6 +275,7 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
         raise ValueError("segmentation training needs batches of at least 2 images (BatchNorm in "
                          f"the ASPP pooling branch); batch_size={s.batch_size}, "
                          f"{len(records)} training images")
+    distributed.check_batch_size(batch_size, "segmentation.batch_size")
     seed_everything(s.seed)
     model = model_from_settings(s, num_classes, load_pretrained=True).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,23 +287,25 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
 
     def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=batch_size, sampler=_epoch_order(len(dataset), s.seed, epoch),
-                          num_workers=s.num_workers, drop_last=True, pin_memory=device.type == "cuda",
+        shares = distributed.shared_batches(epoch_batches(len(dataset), batch_size, s.seed, epoch))
+        return DataLoader(dataset, batch_sampler=[share for _, share, _ in shares],
+                          num_workers=s.num_workers, pin_memory=device.type == "cuda",
                           generator=torch.Generator().manual_seed(s.seed + epoch))
 
-    def loss(batch: tuple[Tensor, Tensor], _step: int) -> Losses:
+    def loss(net: nn.Module, batch: tuple[Tensor, Tensor], _step: int) -> Losses:
         images, labels = (t.to(device, non_blocking=True) for t in batch)
-        value = hard_pixel_cross_entropy(model(images)["out"], labels, s.hard_pixel_fraction)
+        value = hard_pixel_cross_entropy(net(images)["out"], labels, s.hard_pixel_fraction)
         return value, {"loss": value.item()}
 
     log.info("segmentation: %d training images, batches of %d", len(records), batch_size)
     result = fit(TrainingRun(
         name="segmentation", model=model, optimizer=optimizer, epochs=s.epochs,
-        steps_per_epoch=len(records) // batch_size,  # drop_last: BatchNorm needs full batches
+        steps_per_epoch=len(records) // batch_size,  # full batches only: BatchNorm needs them
         batches=batches, loss=loss, checkpoint_dir=Path(checkpoint_dir), log_every=s.log_every,
-        scheduler=scheduler))
-    save_model(out_model, model.state_dict(), cfg=as_config(s), num_classes=num_classes)
-    log.info("segmentation model written to %s (%d steps)", out_model, result.steps)
+        scheduler=scheduler, precision=precision, channels_last=True))
+    if distributed.world().is_main:
+        save_model(out_model, model.state_dict(), cfg=as_config(s), num_classes=num_classes)
+        log.info("segmentation model written to %s (%d steps)", out_model, result.steps)
 
 
 # ---------------------------------------------------------------- prediction
@@ -279,6 +319,13 @@ def load_segmentation_model(model_path: Path, device: torch.device) -> tuple[nn.
     model = model_from_settings(settings, num_classes, load_pretrained=False)
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), num_classes
+
+
+def mixed_precision(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """A model for inference in ``precision``: its forward under autocast (float32 logits out),
+    channels-last under mixed precision. Unchanged in fp32."""
+    check_precision(precision, device)
+    return autocast_forward(memory_format(model, precision), device, precision)
 
 
 @torch.no_grad()
@@ -296,10 +343,12 @@ def predict_label_map(model: nn.Module, rgb: np.ndarray, device: torch.device,
 
 def predict_segmentation(model_path: Path, records: list[ImageRecord], out_dir: Path,
                          device: torch.device, short_side: int | None = None, *,
-                         resume: bool = False) -> None:
+                         resume: bool = False, precision: str = "fp32") -> None:
     """Write ``{out_dir}/{key}.png`` label maps, predicted with the shorter image side at
-    ``short_side`` (None: the original size); with ``resume`` skip images already written."""
+    ``short_side`` (None: the original size) in ``precision``; with ``resume`` skip images
+    already written."""
     model, _ = load_segmentation_model(Path(model_path), device)
+    mixed_precision(model, device, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = skipped = 0

@@ -115,6 +115,7 @@ class PretrainSettings:
     num_workers: int
     log_every: int
     seed: int
+    gpus: int
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class SgdSettings:
     num_workers: int
     log_every: int
     seed: int
+    gpus: int
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Settings:
 
     device: str
     weights_cache: str | None
+    precision: Literal["fp32", "bf16", "fp16"]
     dataset: DatasetSettings
     pretrain: PretrainSettings
     mining: MiningSettings

@@ -9,7 +9,7 @@ from snakemake.utils import min_version
 from maskdistill.config import ConfigError
 from maskdistill.datasets import write_image_list
 from maskdistill.plan import (FEATURE_KEYS, INPUT_REPORT, RESULTS, SEGMENTED, WEIGHTS_MANIFEST, image_inputs,
-                              images_fingerprint, make_plan, rule_config, shard_digest,
+                              images_fingerprint, launch_command, make_plan, rule_config, shard_digest,
                               workflow_outputs_outside)
 
 min_version("9.0")

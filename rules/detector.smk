@@ -7,13 +7,16 @@ rule train_detector:
     output:
         f"{RESULTS}/detector/model.pt",
     params:
+        launch=launch_command(SETTINGS.detector.gpus),
         cfg=cfg("detector"),
         checkpoints=f"{RESULTS}/detector/checkpoints",
     log:
         "logs/train_detector.log",
+    resources:
+        gpu=SETTINGS.detector.gpus,  # detector.gpus: one process per GPU
     threads: 2
     shell:
-        "maskdistill --threads {threads} train-detector --config {params.cfg:q} --train-json {input}"
+        "{params.launch} --threads {threads} train-detector --config {params.cfg:q} --train-json {input}"
         " --checkpoint-dir {params.checkpoints} --out {output} > {log} 2>&1"
 
 

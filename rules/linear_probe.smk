@@ -11,6 +11,7 @@ rule linear_probe:
         model=f"{RESULTS}/linear_probe/model.pt",
         metrics=f"{RESULTS}/linear_probe/metrics.json",
     params:
+        launch=launch_command(SETTINGS.linear_probe.gpus),
         cfg=cfg("linear_probe", "segmentation", "evaluation", "crf"),
         train_labels=PLAN.probe_labels.get("train") or "",
         val_labels=PLAN.probe_labels.get(EVAL_SPLIT) or "",
@@ -20,9 +21,11 @@ rule linear_probe:
         checkpoints=f"{RESULTS}/linear_probe/checkpoints",
     log:
         "logs/linear_probe.log",
+    resources:
+        gpu=SETTINGS.linear_probe.gpus,  # linear_probe.gpus: one process per GPU
     threads: 2
     shell:
-        "maskdistill --threads {threads} linear-probe --config {params.cfg:q} --model {input.model}"
+        "{params.launch} --threads {threads} linear-probe --config {params.cfg:q} --model {input.model}"
         " --train-labels {params.train_labels:q} --val-labels {params.val_labels:q} --split {params.split}"
         " {params.names} --skipped {input.skipped} --checkpoint-dir {params.checkpoints}"
         " --out-model {output.model} --out-metrics {output.metrics} > {log} 2>&1"

@@ -8,12 +8,15 @@ rule pretrain:
     output:
         f"{RESULTS}/pretrain/backbone.safetensors",
     params:
+        launch=launch_command(SETTINGS.pretrain.gpus),
         **user_images_params("train"),
         cfg=cfg("pretrain"),
         checkpoints=f"{RESULTS}/pretrain/checkpoints",
     log:
         "logs/pretrain.log",
+    resources:
+        gpu=SETTINGS.pretrain.gpus,  # pretrain.gpus: one process per GPU
     threads: 2
     shell:
-        "maskdistill --threads {threads} pretrain --config {params.cfg:q}"
+        "{params.launch} --threads {threads} pretrain --config {params.cfg:q}"
         " --checkpoint-dir {params.checkpoints} --out {output} > {log} 2>&1"

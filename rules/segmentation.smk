@@ -8,13 +8,16 @@ rule train_segmentation:
     output:
         f"{RESULTS}/segmentation/model.pt",
     params:
+        launch=launch_command(SETTINGS.segmentation.gpus),
         cfg=cfg("segmentation", "clustering"),
         checkpoints=lambda wc, output: os.path.join(os.path.dirname(output[0]), "checkpoints"),
     log:
         "logs/train_segmentation.log",
+    resources:
+        gpu=SETTINGS.segmentation.gpus,  # segmentation.gpus: one process per GPU
     threads: 2
     shell:
-        "maskdistill --threads {threads} train-segmentation --config {params.cfg:q} --labels {input.labels}"
+        "{params.launch} --threads {threads} train-segmentation --config {params.cfg:q} --labels {input.labels}"
         " --skipped {input.skipped} --checkpoint-dir {params.checkpoints} --out {output} > {log} 2>&1"
 
 

@@ -126,6 +126,38 @@ def test_predictions_json_structure(trained, tmp_path):
     assert good >= 2
 
 
+def test_bf16_predictions_find_the_boxes_of_fp32(trained, tmp_path):
+    """Under bf16 only the ResNet-FPN and the heads run in bfloat16; boxes are decoded in float32."""
+    root, _ = trained
+    records = list_image_folder(root / "images")[:4]
+    best = {}
+    for precision in ("fp32", "bf16"):
+        backend = TorchvisionMaskRCNN(tiny_cfg(), torch.device("cpu"), precision)
+        backend.predict(root / "model.pt", records, tmp_path / f"{precision}.json")
+        anns = read_json(tmp_path / f"{precision}.json")["annotations"]
+        best[precision] = {i: max((a for a in anns if a["image_id"] == i), key=lambda a: a["score"])
+                           for i in {a["image_id"] for a in anns}}
+    assert best["fp32"].keys() == best["bf16"].keys() and len(best["fp32"]) >= 3
+    for i, full in best["fp32"].items():
+        half = best["bf16"][i]
+        assert half["category_id"] == full["category_id"]
+        assert np.abs(np.subtract(half["bbox"], full["bbox"])).max() < 2.0  # pixels
+        assert abs(half["score"] - full["score"]) < 0.05
+
+
+def test_bf16_training_steps_as_fp32_does(tmp_path):
+    train_json = make_dataset(tmp_path, n=4)
+    totals = {}
+    for precision in ("fp32", "bf16"):
+        backend = TorchvisionMaskRCNN(tiny_cfg(epochs=2), torch.device("cpu"), precision)
+        backend.train(train_json, tmp_path / "images", tmp_path / precision, tmp_path / f"{precision}.pt")
+        totals[precision] = [h["total"] for h in backend.history]
+    assert len(totals["bf16"]) == 2 and np.isfinite(totals["bf16"]).all()
+    assert totals["bf16"] == pytest.approx(totals["fp32"], rel=0.1)
+    weights = torch.load(tmp_path / "bf16.pt", weights_only=False)["state_dict"]
+    assert weights["backbone.body.conv1.weight"].dtype == torch.float32
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, caplog):
     train_json = make_dataset(tmp_path, n=2)
     images = tmp_path / "images"

@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "maskdistill"
-FOUNDATIONS = {"backbone", "config", "datasets", "ground_truth", "images", "metrics", "paper", "report",
-               "settings", "storage", "training", "weights_cache"}
+FOUNDATIONS = {"backbone", "config", "datasets", "distributed", "ground_truth", "images", "metrics", "paper",
+               "report", "settings", "storage", "training", "weights_cache"}
 WORKFLOW = {"cli", "plan"}
 STAGES = {p.stem for p in PACKAGE.glob("*.py")} - FOUNDATIONS - WORKFLOW - {"__init__"}
 

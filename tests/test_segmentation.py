@@ -249,6 +249,37 @@ def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog)
     assert not (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
 
 
+def test_bf16_training_ends_close_to_fp32_and_bf16_prediction_agrees(tmp_path, caplog):
+    torch.set_num_threads(1)
+    records = _square_data(tmp_path, n=2)
+    cfg = _cfg(epochs=2, lr=0.02, hard_pixel_fraction=1.0)
+    start = _state(build_deeplabv3("resnet18", NUM_CLASSES, 8, (1, 2, 3), None, 1))
+    for precision in ("fp32", "bf16"):
+        with caplog.at_level(logging.INFO, logger="maskdistill"):
+            train_segmentation(records, tmp_path / "labels", tmp_path / f"ckpt_{precision}",
+                               tmp_path / f"{precision}.pt", cfg, NUM_CLASSES, torch.device("cpu"),
+                               precision=precision)
+    losses = _losses(caplog)
+    assert len(losses) == 2 * 2 and np.isfinite(losses).all()
+    assert losses[2:] == pytest.approx(losses[:2], rel=0.15)  # bf16 steps as fp32 does, roughly
+    full, half = (load_checkpoint(tmp_path / f"{p}.pt")["state_dict"] for p in ("fp32", "bf16"))
+    assert all(v.dtype in (torch.float32, torch.int64) for v in half.values())  # stored in float32
+    weights = [k for k, v in full.items() if v.is_floating_point() and "running" not in k]
+    moved = max((full[k] - start[k]).abs().max() for k in weights)
+    apart = max((full[k] - half[k]).abs().max() for k in weights)
+    assert 0 < apart < 0.1 * moved
+    for precision in ("fp32", "bf16"):
+        predict_segmentation(tmp_path / "fp32.pt", records[:2], tmp_path / precision, torch.device("cpu"),
+                             precision=precision)
+    for r in records[:2]:
+        a, b = (read_label_png(tmp_path / p / f"{r.key}.png") for p in ("fp32", "bf16"))
+        assert (a == b).mean() > 0.97
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, caplog):
     torch.set_num_threads(2)
     records = _square_data(tmp_path, n=4)

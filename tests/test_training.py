@@ -4,6 +4,7 @@ training job killed after an epoch resumes and ends as an uninterrupted run woul
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -11,8 +12,18 @@ import pytest
 import torch
 from conftest import SMALL, cli_command, kill_when, run_checked, run_env
 
+from maskdistill.config import ConfigError
+from maskdistill.settings import load_settings
 from maskdistill.storage import CorruptFileError
-from maskdistill.training import LAST_CHECKPOINT, TrainingRun, fit, load_checkpoint, progress, save_checkpoint
+from maskdistill.training import (
+    LAST_CHECKPOINT,
+    TrainingRun,
+    check_precision,
+    fit,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+)
 
 
 def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path):
@@ -82,13 +93,13 @@ def _toy(checkpoint_dir: Path, *, epochs: int = 4, fail_at: int | None = None, s
 
     seen = []
 
-    def loss(batch, step: int):
+    def loss(net, batch, step: int):
         seen.append(step)
         if step == fail_at:
             raise RuntimeError("killed")
         if len(seen) - 1 in skip:  # the n-th batch of the run (0-based)
             return None
-        out = model(batch[0])
+        out = net(batch[0])
         value = torch.nn.functional.mse_loss(out, batch[1]) * (float("nan") if step == poison_at else 1.0)
         return value, {"loss": float(value.detach())}
 
@@ -133,3 +144,66 @@ def test_progress_lines_carry_the_count_and_the_rate(caplog):
     caplog.set_level("INFO", logger="maskdistill")
     assert list(progress(range(5), total=5, desc="toy")) == [0, 1, 2, 3, 4]
     assert "toy: 100%" in caplog.text and "5/5" in caplog.text and "img/s" in caplog.text
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+def _conv_toy(checkpoint_dir: Path, precision: str, *, epochs: int = 2,
+              fail_at: int | None = None) -> TrainingRun:
+    """A small convolutional regression (conv, BatchNorm, linear) on random images."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 12, 12, generator=g)
+    y = x.mean(dim=(1, 2, 3)).unsqueeze(1) * 3
+
+    def loss(net, batch, step: int):
+        if step == fail_at:
+            raise RuntimeError("killed")
+        value = torch.nn.functional.mse_loss(net(batch[0]).float(), batch[1])
+        return value, {"loss": float(value.detach())}
+
+    return TrainingRun(name="conv", model=model, optimizer=optimizer, epochs=epochs, steps_per_epoch=4,
+                       batches=lambda epoch: [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)], loss=loss,
+                       checkpoint_dir=checkpoint_dir, log_every=100, precision=precision, channels_last=True)
+
+
+def _largest_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_bf16_autocast_trains_to_weights_close_to_fp32_in_channels_last(tmp_path):
+    start = _conv_toy(tmp_path / "start", "fp32").model
+    fp32, bf16 = _conv_toy(tmp_path / "fp32", "fp32"), _conv_toy(tmp_path / "bf16", "bf16")
+    fp32_losses = [h["loss"] for h in fit(fp32).history]
+    bf16_losses = [h["loss"] for h in fit(bf16).history]
+    assert all(math.isfinite(v) for v in bf16_losses) and len(bf16_losses) == 8
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.05)
+    moved, apart = _largest_difference(fp32.model, start), _largest_difference(fp32.model, bf16.model)
+    assert 0 < apart < 0.05 * moved  # bfloat16 arithmetic: close to float32, not the same numbers
+    conv = bf16.model[0].weight
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    assert fp32.model[0].weight.is_contiguous()  # fp32 keeps the layout it had
+
+
+def test_fp16_keeps_its_gradient_scaler_across_a_resume(tmp_path):
+    straight = _conv_toy(tmp_path / "a", "fp16", epochs=2)
+    fit(straight)
+    scaler = load_checkpoint(tmp_path / "a" / LAST_CHECKPOINT)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 8  # 8 steps without overflow
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(_conv_toy(tmp_path / "b", "fp16", epochs=2, fail_at=5))
+    resumed = _conv_toy(tmp_path / "b", "fp16", epochs=2)
+    assert fit(resumed).steps == 8
+    assert load_checkpoint(tmp_path / "b" / LAST_CHECKPOINT)["scaler"] == scaler
+    assert _largest_difference(straight.model, resumed.model) == 0
+
+
+def test_an_unknown_precision_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"precision.*'fp64' is not one of \['fp32', 'bf16', 'fp16'\]"):
+        load_settings({"precision": "fp64"})
+    with pytest.raises(ValueError, match="config key 'precision'"):
+        check_precision("fp64", torch.device("cpu"))

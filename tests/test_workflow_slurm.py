@@ -30,10 +30,16 @@ SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log
 PROLOG = re.compile(r"maskdistill-ci job=(\d+) step=(\S+) partition=(\S+) CUDA_VISIBLE_DEVICES=(\S+)")
 
 
+# The training rules declare their `gpu` resource themselves, from the config (<section>.gpus).
+TRAINING_RULES = {"pretrain", "train_detector", "train_segmentation", "train_segmentation_crf",
+                  "linear_probe"}
+
+
 def gpu_rules() -> set[str]:
-    """The rules profiles/slurm gives a GPU (its `gpu` resource)."""
+    """The rules that run on a GPU: those profiles/slurm gives one (its `gpu` resource) and the
+    training rules."""
     resources = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
-    return {rule for rule, res in resources.items() if res.get("gpu")}
+    return {rule for rule, res in resources.items() if res.get("gpu")} | TRAINING_RULES
 
 
 def unavailable(reason: str) -> None:
@@ -182,6 +188,25 @@ def test_slurm_profile_dry_run_needs_no_slurm_and_shards_are_jobs(tmp_path):
         assert re.search(r"runtime=\d+", resources) and re.search(r"mem_mb=\d+", resources), block
 
 
+def test_a_training_job_on_several_gpus_asks_for_them_and_starts_torchrun(tmp_path):
+    """segmentation.gpus: 2 -> one job with gpu=2 whose command starts two processes."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg["segmentation"].update(gpus=2, batch_size=2)
+    write_config(tmp_path, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(PROFILE), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=run_env(SLURM_CONF=str(tmp_path / "no-such-slurm.conf")))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    blocks = {re.match(r"(?:local)?rule (\w+):", b).group(1): b
+              for b in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout + proc.stderr)
+              if re.match(r"(?:local)?rule (\w+):", b)}
+    segmentation, detector = blocks["train_segmentation"], blocks["train_detector"]
+    assert "gpu=2" in segmentation and "torchrun --standalone --nproc_per_node 2 --no-python maskdistill" \
+        in segmentation, segmentation
+    assert "gpu=1" in detector and "torchrun" not in detector and "maskdistill --threads" in detector
+
+
 def test_slurm_profiles_name_real_rules_and_agree_on_threads():
     text = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
     rules = {a or b for a, b in re.findall(r"^\s*(?:rule (\w+):|use rule \w+ as (\w+) with:)", text, re.M)}
@@ -192,5 +217,7 @@ def test_slurm_profiles_name_real_rules_and_agree_on_threads():
     for rule in gpu_rules():
         assert profile["set-threads"][rule] == profile["set-resources"][rule]["cpus_per_task"], rule
         assert profile["set-resources"][rule]["slurm_partition"] == "gpu", rule
+    for rule in TRAINING_RULES:  # the config's <section>.gpus decides, not the profile
+        assert "gpu" not in profile["set-resources"][rule], rule
     assert profile["default-resources"]["slurm_partition"] == "cpu"
     assert profile["retries"] >= 1 and ci["slurm-status-command"] == "squeue"
