@@ -347,10 +347,9 @@ def cmd_predict_detector(a: argparse.Namespace, s: Settings) -> None:
          arg("--all", action="store_true", help="paste every mask whatever its score (initial labels)"),
          OUT)
 def cmd_pseudo_labels(a: argparse.Namespace, s: Settings) -> None:
-    from maskdistill.pseudo_labels import write_label_maps
-    from maskdistill.storage import read_json
+    from maskdistill.pseudo_labels import write_label_maps_file
 
-    stats = write_label_maps(read_json(a.instances), Path(a.out), 0.0 if a.all else s.pseudo_labels.tau)
+    stats = write_label_maps_file(Path(a.instances), Path(a.out), 0.0 if a.all else s.pseudo_labels.tau)
     log.info("label maps: %s", stats)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from maskdistill.storage import (
     MinedMask,
     atomic_path,
     encode_rle,
+    iter_masks_by_key,
+    mask_shard_keys,
     read_mask_shard,
     write_json,
 )
@@ -63,18 +66,22 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
     log.info("described %d masks of %s", len(items), mask_shard)
     dim = int(model.num_features)
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
-    with atomic_path(out_path, suffix=".tmp.h5") as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("keys", data=np.array([it.key for it in items], dtype=object),
-                          dtype=h5py.string_dtype())
-        h5.create_dataset("features", data=features)
-        h5.attrs["backbone"] = bb.name
-        h5.attrs["complete"] = True
+    write_feature_shard(out_path, [it.key for it in items], features, bb.name)
     return len(items)
 
 
 def box_crop_tensor(image: Path, box: list[float], size: int) -> torch.Tensor:
     """The normalised ``size`` x ``size`` crop of ``box`` from the image file (3, size, size)."""
     return to_tensor(crop_box(read_rgb(image), box, size))
+
+
+def write_feature_shard(path: Path, keys: Sequence[str], features: np.ndarray, backbone: str) -> None:
+    """Write a feature shard (HDF5: ``keys``, ``features`` (N, D); attrs ``backbone``, ``complete``)."""
+    with atomic_path(path, suffix=".tmp.h5") as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("keys", data=np.array(list(keys), dtype=object), dtype=h5py.string_dtype())
+        h5.create_dataset("features", data=features)
+        h5.attrs["backbone"] = backbone
+        h5.attrs["complete"] = True
 
 
 def read_features(path: Path) -> tuple[list[str], np.ndarray]:
@@ -112,14 +119,30 @@ def fit_kmeans(features: np.ndarray, s: ClusteringSettings) -> dict[str, np.ndar
     return {"mean": mean, "std": std, "centroids": km.cluster_centers_.astype(np.float32)}
 
 
-def assign_clusters(features: np.ndarray, model: dict[str, np.ndarray]) -> np.ndarray:
-    """Nearest centroid (squared Euclidean on whitened features) for each row."""
-    z = whiten(features, model["mean"], model["std"])
-    d = ((z[:, None, :] - model["centroids"][None]) ** 2).sum(-1)
-    return d.argmin(1)
+ASSIGN_BYTES = 64 * 2**20  # the rows x centroids x dim block of one assign_clusters step
 
 
-def coco_from_masks(items: list[MinedMask], clusters: np.ndarray, num_clusters: int,
+def assign_clusters(features: np.ndarray, model: dict[str, np.ndarray], chunk_rows: int | None = None
+                    ) -> np.ndarray:
+    """Nearest centroid (squared Euclidean on whitened features) for each row (int64, (N,)).
+
+    Rows are assigned ``chunk_rows`` at a time (default: as many as fit in :data:`ASSIGN_BYTES`), so
+    memory does not grow with N; each row's distances are computed exactly as in one block.
+    """
+    centroids = model["centroids"]
+    if chunk_rows is None:
+        per_row = max(1, centroids.size * np.result_type(features, centroids).itemsize)
+        chunk_rows = max(1, ASSIGN_BYTES // per_row)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    out = np.empty(len(features), dtype=np.int64)
+    for lo in range(0, len(features), chunk_rows):
+        z = whiten(features[lo:lo + chunk_rows], model["mean"], model["std"])
+        out[lo:lo + chunk_rows] = ((z[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    return out
+
+
+def coco_from_masks(items: Iterable[MinedMask], clusters: np.ndarray, num_clusters: int,
                     image_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """COCO instances dict: one annotation per mined mask, category = cluster id + 1."""
     images, anns = [], []
@@ -157,11 +180,11 @@ def cluster_splits(mask_shards: dict[str, list[Path]], feature_shards: dict[str,
     for split, out in out_jsons.items():
         keys, f = feats[split]
         clusters = dict(zip(keys, assign_clusters(f, model), strict=True))
-        items = sorted((it for p in mask_shards[split] for it in read_mask_shard(p)),
-                       key=lambda it: it.key)
-        labels = np.array([clusters[it.key] for it in items], dtype=np.int64)
+        mask_keys = sorted(key for p in mask_shards[split] for key in mask_shard_keys(p))
+        labels = np.array([clusters[key] for key in mask_keys], dtype=np.int64)
+        items = progress(iter_masks_by_key(mask_shards[split]), total=len(mask_keys), desc=f"{split} masks")
         write_json(out, coco_from_masks(items, labels, k, (image_ids or {}).get(split)))
         sizes = np.bincount(labels, minlength=k).tolist()
-        summary[split] = {"masks": len(items), "cluster_sizes": sizes}
-        log.info("%s: %d masks, cluster sizes %s", split, len(items), sizes)
+        summary[split] = {"masks": len(mask_keys), "cluster_sizes": sizes}
+        log.info("%s: %d masks, cluster sizes %s", split, len(mask_keys), sizes)
     return summary

@@ -21,12 +21,13 @@ from maskdistill.ground_truth import coco_ground_truth
 from maskdistill.images import to_tensor
 from maskdistill.metrics import confusion_matrix, match_clusters, miou_after_matching
 from maskdistill.storage import (
+    MaskIndex,
     box_iou,
     decode_segmentation,
+    iter_mask_shard,
     key_of_file,
     mask_to_box,
     read_json,
-    read_mask_shard,
 )
 from maskdistill.training import progress
 
@@ -37,33 +38,46 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def _gt_objects(coco: dict[str, Any]) -> dict[str, list[tuple[np.ndarray, list[float]]]]:
-    """Key (file name without extension) -> [(mask, box x0y0x1y1)] of its non-crowd objects."""
+def _gt_objects(coco: dict[str, Any]) -> dict[str, list[tuple[dict[str, Any], int, int]]]:
+    """Key (file name without extension) -> its non-crowd annotations, each with the image's height
+    and width (decoded one image at a time by :func:`_object_masks`)."""
     images = {im["id"]: im for im in coco["images"]}
-    out: dict[str, list[tuple[np.ndarray, list[float]]]] = {
+    out: dict[str, list[tuple[dict[str, Any], int, int]]] = {
         key_of_file(im["file_name"]): [] for im in coco["images"]}
     for ann in coco.get("annotations", []):
         if ann.get("iscrowd", 0):
             continue
         im = images[ann["image_id"]]
-        mask = decode_segmentation(ann["segmentation"], int(im["height"]), int(im["width"]))
-        x, y, w, h = ann["bbox"]
-        out[key_of_file(im["file_name"])].append((mask, [x, y, x + w, y + h]))
+        out[key_of_file(im["file_name"])].append((ann, int(im["height"]), int(im["width"])))
+    return out
+
+
+def _object_masks(objects: list[tuple[dict[str, Any], int, int]]) -> list[tuple[np.ndarray, list[float]]]:
+    """[(mask, box x0y0x1y1)] of one image's objects."""
+    out = []
+    for ann, h, w in objects:
+        x, y, bw, bh = ann["bbox"]
+        out.append((decode_segmentation(ann["segmentation"], h, w), [x, y, x + bw, y + bh]))
     return out
 
 
 def mined_mask_quality(mask_shards: Sequence[Path], gt_instances: Path) -> dict[str, Any]:
     """Mean best-match IoU of each image's mined mask with a GT object, and CorLoc (share of
     images whose mined box has IoU >= 0.5 with some GT box). Images with objects but no mined mask
-    (skipped) count as misses; images without objects are left out. Values in percent."""
-    gt = _gt_objects(read_json(gt_instances))
-    mined = {m.key: m for shard in mask_shards for m in read_mask_shard(shard)}
+    (skipped) count as misses; images without objects are left out. Values in percent. One
+    image's masks are in memory at a time."""
+    with MaskIndex(mask_shards) as mined:
+        return _mask_quality(_gt_objects(read_json(gt_instances)), mined, gt_instances)
+
+
+def _mask_quality(gt: dict[str, list[tuple[dict[str, Any], int, int]]], mined: MaskIndex,
+                  gt_instances: Path) -> dict[str, Any]:
     ious, hits, rows = [], [], []
     for key in progress(sorted(gt), total=len(gt), desc="mask quality"):
-        objects = gt[key]
-        if not objects:
+        if not gt[key]:
             continue
-        m = mined.get(key)
+        objects = _object_masks(gt[key])
+        m = mined.get(key) if key in mined else None
         if m is None:
             best_iou, best_box = 0.0, 0.0
         else:
@@ -98,7 +112,7 @@ def mined_label_bounds(mask_shards: Sequence[Path], gt_instances: Path, num_clus
     # per mask, GT pixel counts outside (row 0) and inside (row 1) it: all any labelling needs
     counts = []
     for shard in mask_shards:
-        for m in read_mask_shard(shard):
+        for m in iter_mask_shard(shard):
             if m.key not in known:
                 raise ValueError(f"{shard}: mined image '{m.key}' is not in {gt_instances}")
             sem = gt.load(m.key)

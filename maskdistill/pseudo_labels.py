@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maskdistill.storage import decode_segmentation, write_label_png
+from maskdistill.storage import annotation_groups, decode_segmentation, iter_json_items, write_label_png
 from maskdistill.training import progress
 
 
@@ -43,15 +44,40 @@ def label_map(image: dict[str, Any], anns: list[dict[str, Any]], tau: float) -> 
 
 def write_label_maps(instances: dict[str, Any], out_dir: Path, tau: float) -> dict[str, int]:
     """One ``{key}.png`` per image of a COCO instances/predictions dict; returns counts."""
-    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for a in instances["annotations"]:
         by_image[a["image_id"]].append(a)
-    kept = 0
-    for im in progress(instances["images"], total=len(instances["images"]), desc="label maps"):
-        anns = by_image.get(im["id"], [])
-        labels = label_map(im, anns, tau)
-        kept += len(select_confident(anns, tau))
+    return _write_groups(instances["images"], by_image.items(), out_dir, tau)
+
+
+def write_label_maps_file(instances: Path, out_dir: Path, tau: float) -> dict[str, int]:
+    """:func:`write_label_maps` of a COCO instances/predictions file, read as a stream: memory holds
+    the image entries and one image's annotations (files that list annotations image by image, as
+    the detector and the clustering write them), not the whole file."""
+    return _write_groups(list(iter_json_items(instances, "images.item")), annotation_groups(instances),
+                         out_dir, tau)
+
+
+def _write_groups(images: list[dict[str, Any]], groups: Iterable[tuple[Any, list[dict[str, Any]]]],
+                  out_dir: Path, tau: float) -> dict[str, int]:
+    """Write the label map of each image entry from ``groups`` (image id, its annotations), then an
+    empty map for each image without annotations; returns the counts."""
+    entries: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for im in images:
+        entries[im["id"]].append(im)
+    kept = total = 0
+    done: set[Any] = set()
+
+    def write(im: dict[str, Any], anns: list[dict[str, Any]]) -> int:
         key = im.get("key") or im["file_name"].rsplit(".", 1)[0]
-        write_label_png(out_dir / f"{key}.png", labels)
-    return {"images": len(instances["images"]), "masks_kept": kept,
-            "masks_total": len(instances["annotations"])}
+        write_label_png(out_dir / f"{key}.png", label_map(im, anns, tau))
+        return len(select_confident(anns, tau))
+
+    for image_id, anns in progress(groups, total=len(entries), desc="label maps"):
+        total += len(anns)
+        for im in entries.get(image_id, []):
+            kept += write(im, anns)
+        done.add(image_id)
+    for im in (im for image_id, ims in entries.items() if image_id not in done for im in ims):
+        kept += write(im, [])
+    return {"images": len(images), "masks_kept": kept, "masks_total": total}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +11,12 @@ import numpy as np
 from maskdistill.images import read_rgb
 from maskdistill.report import colourise, draw_panel_row, palette
 from maskdistill.storage import (
+    MaskIndex,
     atomic_path,
     decode_segmentation,
+    iter_json_items,
     key_of_file,
-    read_json,
     read_label_png,
-    read_mask_shard,
 )
 
 
@@ -41,14 +41,16 @@ def mask_overlay(rgb: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[
     return out.astype(np.uint8)
 
 
-def _predictions_by_key(predictions: Path, min_score: float) -> dict[str, list[dict[str, Any]]]:
-    coco = read_json(predictions)
-    names = {im["id"]: key_of_file(im["file_name"]) for im in coco["images"]}
+def _predictions_by_key(predictions: Path, min_score: float, keys: Collection[str]
+                        ) -> dict[str, list[dict[str, Any]]]:
+    """The predictions of the images ``keys`` with score >= ``min_score``, by ascending score (the
+    file is streamed: the other images' predictions are never held)."""
+    names = {im["id"]: key_of_file(im["file_name"]) for im in iter_json_items(predictions, "images.item")}
     out: dict[str, list[dict[str, Any]]] = {}
-    for ann in sorted(coco["annotations"], key=lambda a: a.get("score", 1.0)):
-        if ann.get("score", 1.0) >= min_score:
+    for ann in iter_json_items(predictions, "annotations.item"):
+        if names[ann["image_id"]] in keys and ann.get("score", 1.0) >= min_score:
             out.setdefault(names[ann["image_id"]], []).append(ann)
-    return out
+    return {key: sorted(anns, key=lambda a: a.get("score", 1.0)) for key, anns in out.items()}
 
 
 def stage_figure(keys: Sequence[str], images_root: Path, mask_shards: Sequence[Path], predictions: Path,
@@ -58,8 +60,9 @@ def stage_figure(keys: Sequence[str], images_root: Path, mask_shards: Sequence[P
     ``min_score``, coloured by cluster) | final segmentation | ground truth (optional)."""
     from matplotlib.figure import Figure
 
-    mined = {m.key: m for shard in mask_shards for m in read_mask_shard(shard)}
-    preds = _predictions_by_key(predictions, min_score)
+    with MaskIndex(mask_shards) as index:
+        mined = {k: index.get(k) for k in keys if k in index}  # only the masks drawn are read
+    preds = _predictions_by_key(predictions, min_score, set(mined))
     keys = [k for k in keys if k in mined]
     if not keys:
         raise ValueError("stage figure: none of the requested images has a mined mask")

@@ -6,8 +6,9 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,58 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(p.read_text())
     except json.JSONDecodeError as err:
         raise CorruptFileError(f"{p}: not valid JSON ({err})") from err
+
+
+def iter_json_items(path: str | os.PathLike[str], prefix: str) -> Iterator[Any]:
+    """The items under ``prefix`` of a JSON file (ijson's notation: ``"annotations.item"`` for each
+    element of the top-level ``annotations`` list, ``"item"`` for each element of a top-level list),
+    parsed one at a time, so that memory does not grow with the file."""
+    import ijson
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"JSON file not found: {p}")
+    with open(p, "rb") as f:
+        try:
+            yield from ijson.items(f, prefix, use_float=True)
+        except ijson.JSONError as err:
+            raise CorruptFileError(f"{p}: not valid JSON ({err})") from err
+
+
+def json_top_level(path: str | os.PathLike[str]) -> str:
+    """``"list"`` or ``"dict"``: what a JSON file holds at its top level (from its first character)."""
+    with open(path, "rb") as f:
+        while (c := f.read(1)) and c.isspace():
+            pass
+    if c not in (b"[", b"{"):
+        raise CorruptFileError(f"{path}: not a JSON object or list")
+    return "list" if c == b"[" else "dict"
+
+
+def annotation_groups(path: str | os.PathLike[str], prefix: str = "annotations.item"
+                      ) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """Each ``image_id`` of a COCO file's annotations with its annotations (in file order), streamed.
+
+    Two passes over the file: the first counts each image's annotations, the second yields an
+    image as soon as its last annotation is read. Files that list annotations image by image, as
+    the workflow writes them, hold one image's annotations in memory at a time; any other order
+    is read correctly too, holding the images begun but not finished.
+    """
+    remaining: Counter[Any] = Counter()
+    for i, ann in enumerate(iter_json_items(path, prefix)):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise ValueError(f"{path}: annotation {i} lacks 'image_id'")
+        remaining[ann["image_id"]] += 1
+    pending: dict[Any, list[dict[str, Any]]] = {}
+    for ann in iter_json_items(path, prefix):
+        image_id = ann["image_id"]
+        group = pending.setdefault(image_id, [])
+        group.append(ann)
+        remaining[image_id] -= 1
+        if not remaining[image_id]:
+            yield image_id, pending.pop(image_id)
+    if pending:  # the file changed between the passes
+        raise CorruptFileError(f"{path}: changed while it was read")
 
 
 # ---------------------------------------------------------------- label maps
@@ -310,34 +363,96 @@ def open_mask_shard(path: str | os.PathLike[str]) -> h5py.File:
 
 
 def read_mask_shard(path: str | os.PathLike[str]) -> list[MinedMask]:
-    """Read every mined mask in a shard."""
+    """Read every mined mask in a shard (all in memory: prefer :func:`iter_mask_shard`)."""
+    return list(iter_mask_shard(path))
+
+
+def iter_mask_shard(path: str | os.PathLike[str], rows: Iterable[int] | None = None) -> Iterator[MinedMask]:
+    """Yield a shard's mined masks one at a time, in file order or the given ``rows``; only the mask
+    being yielded is decoded (the file stays open until the iterator is exhausted or closed)."""
     try:
-        return _read_masks(path)
+        with open_mask_shard(path) as h5:
+            for i in range(int(h5.attrs["num_images"])) if rows is None else rows:
+                yield _mask_at(h5, i)
     except (OSError, KeyError, ValueError) as err:
-        raise CorruptFileError(f"{path}: damaged mask shard ({err}); delete it and rerun") from err
+        raise _damaged(path, err) from err
 
 
-def _read_masks(path: str | os.PathLike[str]) -> list[MinedMask]:
-    out = []
-    with open_mask_shard(path) as h5:
-        for i in range(int(h5.attrs["num_images"])):
-            h, w = (int(v) for v in h5["image_hw"][i])
-            gh, gw = (int(v) for v in h5["grid_hw"][i])
-            bits = np.unpackbits(h5["masks"][i], count=h * w).astype(bool)
-            out.append(
-                MinedMask(
-                    key=_text(h5["keys"][i]),
-                    file_name=_text(h5["files"][i]),
-                    height=h,
-                    width=w,
-                    mask=bits.reshape(h, w),
-                    box=[float(v) for v in h5["boxes"][i]],
-                    patch_mask=h5["patch_masks"][i].astype(bool).reshape(gh, gw),
-                    cls_affinity=h5["cls_affinity"][i].reshape(gh, gw),
-                    seed=int(h5["seeds"][i]),
-                )
-            )
-    return out
+def mask_shard_keys(path: str | os.PathLike[str]) -> list[str]:
+    """The image keys of a shard, in file order, without reading any mask."""
+    try:
+        with open_mask_shard(path) as h5:
+            return [_text(k) for k in h5["keys"][:]]
+    except (OSError, KeyError, ValueError) as err:
+        raise _damaged(path, err) from err
+
+
+def iter_masks_by_key(paths: Sequence[str | os.PathLike[str]]) -> Iterator[MinedMask]:
+    """The mined masks of several shards merged in key order, one decoded at a time."""
+    index = sorted(((key, s, row) for s, p in enumerate(paths) for row, key in enumerate(mask_shard_keys(p))),
+                   key=lambda t: t[0])
+    with ExitStack() as files:
+        shards = [files.enter_context(open_mask_shard(p)) for p in paths]
+        for _, s, row in index:
+            try:
+                item = _mask_at(shards[s], row)
+            except (OSError, KeyError, ValueError) as err:
+                raise _damaged(paths[s], err) from err
+            yield item
+
+
+class MaskIndex:
+    """The mined masks of several shards, by key: the keys are known up front (nothing else is
+    read), a mask is read and decoded only when :meth:`get` asks for it. Use it in a ``with``
+    block, which keeps the shards open."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]):
+        self.paths = [Path(p) for p in paths]
+        self.rows = {key: (s, row) for s, p in enumerate(self.paths)
+                     for row, key in enumerate(mask_shard_keys(p))}
+        self._files = ExitStack()
+        self._shards: list[h5py.File] = []
+
+    def __enter__(self) -> MaskIndex:
+        self._shards = [self._files.enter_context(open_mask_shard(p)) for p in self.paths]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.close()
+        self._shards = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def get(self, key: str) -> MinedMask:
+        """The mined mask of ``key`` (KeyError when no shard has it)."""
+        s, row = self.rows[key]
+        try:
+            return _mask_at(self._shards[s], row)
+        except (OSError, KeyError, ValueError) as err:
+            raise _damaged(self.paths[s], err) from err
+
+
+def _damaged(path: str | os.PathLike[str], err: Exception) -> CorruptFileError:
+    return CorruptFileError(f"{path}: damaged mask shard ({err}); delete it and rerun")
+
+
+def _mask_at(h5: h5py.File, i: int) -> MinedMask:
+    """Row ``i`` of an open mask shard, its mask unpacked to (H, W) bool."""
+    h, w = (int(v) for v in h5["image_hw"][i])
+    gh, gw = (int(v) for v in h5["grid_hw"][i])
+    bits = np.unpackbits(h5["masks"][i], count=h * w).astype(bool)
+    return MinedMask(
+        key=_text(h5["keys"][i]),
+        file_name=_text(h5["files"][i]),
+        height=h,
+        width=w,
+        mask=bits.reshape(h, w),
+        box=[float(v) for v in h5["boxes"][i]],
+        patch_mask=h5["patch_masks"][i].astype(bool).reshape(gh, gw),
+        cls_affinity=h5["cls_affinity"][i].reshape(gh, gw),
+        seed=int(h5["seeds"][i]),
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -115,3 +115,16 @@ def test_coco_export_round_trips_masks_and_categories(tmp_path):
     path.write_text(json.dumps(coco))
     api = COCO(str(path))
     assert sorted(api.getCatIds()) == [1, 2, 3]
+
+
+def test_assignment_in_chunks_equals_the_full_distance_array():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (53, 16)).astype(np.float32)
+    model = {"mean": x.mean(0), "std": x.std(0), "centroids": rng.normal(0, 0.3, (6, 16)).astype(np.float32)}
+    z = whiten(x, model["mean"], model["std"])
+    reference = ((z[:, None, :] - model["centroids"][None]) ** 2).sum(-1).argmin(1)  # N x k x D at once
+    for chunk_rows in (1, 7, 53, 1000, None):
+        assert (assign_clusters(x, model, chunk_rows) == reference).all()
+    assert len(set(reference.tolist())) > 1
+    with pytest.raises(ValueError, match="chunk_rows"):
+        assign_clusters(x, model, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from pathlib import Path
 
@@ -138,3 +139,79 @@ def test_mask_ap_reads_detector_output_by_file_name(tmp_path):
     assert mask_ap(gt, tmp_path / "det.json", "multi")["AP"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="setting"):
         mask_ap(gt, tmp_path / "det.json", "both")
+
+
+def _random_split(seed: int, n_images: int = 7):
+    """GT (crowd objects too) and results: shifted copies of the objects, some with the wrong
+    category, false positives, scores tied across images, and one image with more than 100
+    detections of a category (pycocotools keeps the 100 best)."""
+    rng = np.random.default_rng(seed)
+    h, w, cats = 24, 32, [2, 5, 9]
+
+    def rect() -> np.ndarray:
+        r0, c0 = int(rng.integers(0, h - 4)), int(rng.integers(0, w - 4))
+        r1, c1 = r0 + int(rng.integers(3, h - r0 + 1)), c0 + int(rng.integers(3, w - c0 + 1))
+        return _rect(h, w, r0, r1, c0, c1)
+
+    def score() -> float:
+        return float(rng.choice([0.3, 0.6, 0.9]))
+
+    images = [{"id": 10 + 3 * i, "file_name": f"im{i}.png", "height": h, "width": w} for i in range(n_images)]
+    anns, results = [], []
+    for im in images:
+        for _ in range(int(rng.integers(0, 4))):
+            mask, cat = rect(), int(rng.choice(cats))
+            anns.append(_ann(len(anns) + 1, im["id"], cat, mask))
+            anns[-1]["iscrowd"] = int(rng.random() < 0.15)
+            if rng.random() < 0.8:
+                found = cat if rng.random() < 0.8 else int(rng.choice(cats))
+                results.append(_ann(0, im["id"], found, np.roll(mask, int(rng.integers(-2, 3)), 1), score()))
+        results += [_ann(0, im["id"], int(rng.choice(cats)), rect(), score())
+                    for _ in range(int(rng.integers(3)))]
+    many = _rect(h, w, 2, 20, 2, 20)
+    anns.append(_ann(len(anns) + 1, images[1]["id"], 5, many))
+    results += [_ann(0, images[1]["id"], 5, np.roll(many, int(rng.integers(-6, 7)), 0), float(rng.uniform()))
+                for _ in range(104)]
+    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in cats]}
+    return gt, results
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ap_accumulated_over_chunks_of_images_equals_pycocotools_at_once(seed):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from maskdistill.mask_ap import coco_segm_stats
+
+    gt, results = _random_split(seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(results)), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    expected = {"AP": 100 * ev.stats[0], "AP50": 100 * ev.stats[1], "AP75": 100 * ev.stats[2]}
+    assert 0 < expected["AP"] < 100
+    for chunk in (1, 2, 3, 7):
+        assert coco_segm_stats(gt, results, chunk_images=chunk) == expected  # exactly, not approximately
+
+
+def test_mask_ap_streams_predictions_in_any_order_with_the_same_result(tmp_path):
+    from maskdistill.mask_ap import mask_ap
+
+    gt, results = _random_split(2)
+    write_json(tmp_path / "gt.json", gt)
+    preds = [dict(r, category_id={2: 3, 5: 1, 9: 2}[r["category_id"]]) for r in results]  # cluster ids
+    # interleaved: the first prediction of every image, then the second, ... (each image's own
+    # order kept: it breaks ties between equal scores)
+    rank = [sum(q["image_id"] == p["image_id"] for q in preds[:i]) for i, p in enumerate(preds)]
+    order = sorted(range(len(preds)), key=lambda i: rank[i])
+    assert order != sorted(order)
+    for setting in ("multi", "single"):
+        grouped = mask_ap(tmp_path / "gt.json", _write_preds(tmp_path, preds, "a.json"), setting)
+        shuffled = mask_ap(tmp_path / "gt.json", _write_preds(tmp_path, [preds[i] for i in order], "b.json"),
+                           setting, chunk_images=2)
+        assert shuffled == grouped
+        assert grouped["num_predictions"] == (len(preds) if setting == "multi" else 7)

@@ -55,3 +55,24 @@ def test_write_label_maps_one_png_per_image_including_empty(tmp_path):
     assert stats == {"images": 2, "masks_kept": 1, "masks_total": 1}
     assert (read_label_png(tmp_path / "sub" / "a.png") == a.astype(np.uint8)).all()
     assert not read_label_png(tmp_path / "b.png").any()
+
+
+def test_label_maps_from_a_streamed_file_equal_those_from_the_dict(tmp_path):
+    from maskdistill.pseudo_labels import write_label_maps_file
+    from maskdistill.storage import write_json
+
+    rng = np.random.default_rng(0)
+    images = [{"id": i, "height": 6, "width": 8, "file_name": f"im{i}.jpg"} for i in range(4)]
+    # annotations not grouped by image, image 3 without any, one of an image not listed
+    anns = [_ann(float(rng.uniform()), int(rng.integers(1, 5)), rng.random((6, 8)) > 0.6, image_id=i)
+            for i in (0, 1, 0, 2, 1, 0, 5)]
+    inst = {"images": images, "annotations": anns}
+    write_json(tmp_path / "inst.json", inst)
+    expected = write_label_maps(inst, tmp_path / "dict", tau=0.5)
+    assert write_label_maps_file(tmp_path / "inst.json", tmp_path / "file", tau=0.5) == expected
+    assert expected["images"] == 4 and expected["masks_total"] == 7
+    for i in range(4):
+        assert (read_label_png(tmp_path / "file" / f"im{i}.png") ==
+                read_label_png(tmp_path / "dict" / f"im{i}.png")).all()
+    assert read_label_png(tmp_path / "file" / "im0.png").any()
+    assert not read_label_png(tmp_path / "file" / "im3.png").any()
