@@ -286,10 +286,11 @@ class SegmAccumulator:
             ev.params.catIds = self.cat_ids
             ev.evaluate()
         self.num_results += len(dets)
+        chunk: dict[int, _Detections] = {}
         for e in ev.evalImgs:
             if e is None:
                 continue
-            acc = self.per_cat[int(e["category_id"])]
+            acc = chunk.setdefault(int(e["category_id"]), _Detections())
             scores = np.asarray(e["dtScores"][:self.max_det], dtype=np.float64)
             acc.image_ids.append(np.full(len(scores), int(e["image_id"]), dtype=np.int64))
             acc.scores.append(scores)
@@ -297,6 +298,14 @@ class SegmAccumulator:
             acc.ignored.append(np.asarray(e["dtIgnore"], dtype=bool)[:, :self.max_det])
             acc.num_gt += int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
             acc.images += 1
+        for cat, acc in chunk.items():  # one array per chunk and category: ~36 bytes per detection
+            total = self.per_cat[cat]
+            total.image_ids.append(np.concatenate(acc.image_ids))
+            total.scores.append(np.concatenate(acc.scores))
+            total.matched.append(np.concatenate(acc.matched, axis=1))
+            total.ignored.append(np.concatenate(acc.ignored, axis=1))
+            total.num_gt += acc.num_gt
+            total.images += acc.images
 
     def precision(self) -> np.ndarray:
         """(T, R, K) interpolated precision at each IoU threshold, recall threshold and category;
