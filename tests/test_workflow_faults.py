@@ -23,7 +23,7 @@ def test_killed_mining_shard_leaves_no_output_and_only_it_reruns(tmp_path):
     victim.unlink()
     # the same mining command, slowed down so that SIGKILL lands while the shard is being written
     slow = ("import sys, time\nimport maskdistill.storage as s\nappend = s.MaskShardWriter.append\n"
-            "s.MaskShardWriter.append = lambda self, item: (append(self, item), time.sleep(1.0))\n"
+            "s.MaskShardWriter.append = lambda self, item, **k: (append(self, item, **k), time.sleep(1))\n"
             "from maskdistill.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     cmd = [PY, "-c", slow, "mine", "--config", json.dumps(SMALL), "--split", "train", "--shard", "1",
            "--out", str(victim)]
