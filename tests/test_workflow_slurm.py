@@ -159,16 +159,22 @@ def test_results_equal_a_local_run(slurm_run, finished_tiny_run):
     assert compared > 10
 
 
+def profile_dry_run(workdir: Path, cfg: dict) -> subprocess.CompletedProcess:
+    """Dry run of ``cfg`` in ``workdir`` through the user's SLURM profile, with no reachable SLURM."""
+    write_config(workdir, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--profile", str(PROFILE), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=run_env(SLURM_CONF=str(workdir / "no-such-slurm.conf")))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_slurm_profile_dry_run_needs_no_slurm_and_shards_are_jobs(tmp_path):
     """Dry run of the user's profile with no reachable SLURM: shards are separate GPU jobs."""
     cfg = json.loads(json.dumps(TINY))
     cfg["dataset"]["num_shards"] = 5
-    write_config(tmp_path, cfg)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(PROFILE), "-n"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=run_env(SLURM_CONF=str(tmp_path / "no-such-slurm.conf")))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = profile_dry_run(tmp_path, cfg)
     text = proc.stdout + proc.stderr
     assert "Using profile" in text and "profiles/slurm" in text
     jobs = planned_jobs(proc)
@@ -192,12 +198,7 @@ def test_a_training_job_on_several_gpus_asks_for_them_and_starts_torchrun(tmp_pa
     """segmentation.gpus: 2 -> one job with gpu=2 whose command starts two processes."""
     cfg = json.loads(json.dumps(TINY))
     cfg["segmentation"].update(gpus=2, batch_size=2)
-    write_config(tmp_path, cfg)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(PROFILE), "-n"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=run_env(SLURM_CONF=str(tmp_path / "no-such-slurm.conf")))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = profile_dry_run(tmp_path, cfg)
     blocks = {re.match(r"(?:local)?rule (\w+):", b).group(1): b
               for b in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout + proc.stderr)
               if re.match(r"(?:local)?rule (\w+):", b)}
