@@ -20,7 +20,7 @@ report: os.path.abspath(REPORT_FRONT) if os.path.exists(REPORT_FRONT) else "rule
 
 
 wildcard_constraints:
-    split="train|val",
+    split=r"train|val|extra\d+",  # extra0, ...: the clustering.extra_images folders (K-means only)
     shard=r"\d{3}",
 
 

@@ -79,10 +79,12 @@ def read_settings(text: str) -> Settings:
 
 
 def _records(s: Settings, split: str, skipped: str | None = None):
-    """The split's images; those mining skipped (listed in ``skipped``, the input report) left out."""
-    from maskdistill.datasets import dataset_source, without_skipped
+    """The split's images (``extra0``, ...: a ``clustering.extra_images`` folder's); those mining
+    skipped (listed in ``skipped``, the input report) left out."""
+    from maskdistill.datasets import dataset_source, extra_records, extra_splits, without_skipped
 
-    records = dataset_source(s.dataset).records(split)
+    extra = extra_splits(s.clustering.extra_images)
+    records = extra_records(extra[split]) if split in extra else dataset_source(s.dataset).records(split)
     if skipped and s.dataset.on_bad_image == "skip":
         from maskdistill.input_report import skipped_keys
 
@@ -94,9 +96,10 @@ def _records(s: Settings, split: str, skipped: str | None = None):
 
 
 def _images_root(s: Settings, split: str) -> Path:
-    from maskdistill.datasets import dataset_source
+    from maskdistill.datasets import dataset_source, extra_splits
 
-    return dataset_source(s.dataset).images_root(split)
+    extra = extra_splits(s.clustering.extra_images)
+    return Path(extra[split]).expanduser() if split in extra else dataset_source(s.dataset).images_root(split)
 
 
 def _device(s: Settings):
@@ -117,7 +120,7 @@ def _digest(path: str) -> str:
     return digest_path(path)
 
 
-SPLIT = arg("--split", required=True, help="train or val")
+SPLIT = arg("--split", required=True, help="train or val (mining and clustering features: also extra0, ...)")
 OUT = arg("--out", required=True)
 SKIPPED = arg("--skipped", help="input_report.json: the images mining skipped are left out")
 CHECKPOINTS = arg("--checkpoint-dir", required=True, help="resumable checkpoints of this run")
@@ -290,6 +293,8 @@ def cmd_cluster_features(a: argparse.Namespace, s: Settings) -> None:
 @command("cluster", "K-means over all shards -> COCO pseudo-labels per split",
          *(arg(f"--{name}", nargs="*", default=[]) for name in
            ("masks-train", "features-train", "masks-val", "features-val")),
+         arg("--features-extra", nargs="*", default=[], help="feature shards of the clustering.extra_images "
+                                                             "folders (fitted on, not assigned)"),
          arg("--out-train", required=True), arg("--out-val"), arg("--out-model", required=True))
 def cmd_cluster(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.clustering import cluster_splits
@@ -301,7 +306,8 @@ def cmd_cluster(a: argparse.Namespace, s: Settings) -> None:
            for split in outs}
     summary = cluster_splits({split: [Path(p) for p in masks[split]] for split in outs},
                              {split: [Path(p) for p in features[split]] for split in outs},
-                             outs, Path(a.out_model), s.clustering, ids)
+                             outs, Path(a.out_model), s.clustering, ids,
+                             {"extra_images": [Path(p) for p in a.features_extra]} if a.features_extra else {})
     log.info("clusters: %s", json.dumps(summary))
 
 

@@ -1,7 +1,16 @@
-"""Stage 1b: describe each mined mask by the CLS token of its box crop, then K-means them globally."""
+"""Stage 1b: describe each mined mask by the CLS token of its box crop, then K-means them globally.
+
+Crops (``clustering.crop``): ``resize`` squeezes each box to ``crop_size`` x ``crop_size``;
+``native`` (the authors' code) cuts the box from the full-resolution normalised image and zero-pads
+it bottom/right to a multiple of the patch size, so crops differ in size and only crops of equal
+padded size share a batch (:func:`equal_size_batches`): each gets the features it gets alone.
+K-means is fitted on the features of the ``clustering.fit_on`` splits and the extra image folders,
+whitened per dimension (centred or not, ``clustering.center``) and L2-normalised.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -15,8 +24,8 @@ import torch
 from PIL import Image
 from sklearn.cluster import MiniBatchKMeans
 
-from maskdistill.backbone import cls_features, create_vit
-from maskdistill.images import batched, read_ahead, read_rgb, to_tensor
+from maskdistill.backbone import cls_features, create_vit, patch_size
+from maskdistill.images import pad_to_multiple, read_ahead, read_rgb, to_tensor
 from maskdistill.settings import ClusteringSettings
 from maskdistill.storage import (
     CorruptFileError,
@@ -42,37 +51,97 @@ def crop_box(rgb: np.ndarray, box: list[float], size: int) -> np.ndarray:
     return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
+def rounded_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box [x0, y0, x1, y1] rounded to whole pixels (as the authors' code does), clipped to the
+    ``height`` x ``width`` image and at least one pixel wide and high."""
+    x0 = int(np.clip(round(box[0]), 0, width - 1))
+    y0 = int(np.clip(round(box[1]), 0, height - 1))
+    x1 = int(np.clip(round(box[2]), x0 + 1, width))
+    y1 = int(np.clip(round(box[3]), y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+def native_crop_size(box: Sequence[float], height: int, width: int, patch: int) -> tuple[int, int]:
+    """(height, width) of :func:`native_crop` of ``box``, known without decoding the image."""
+    x0, y0, x1, y1 = rounded_box(box, height, width)
+    return -(-(y1 - y0) // patch) * patch, -(-(x1 - x0) // patch) * patch
+
+
+def native_crop(rgb: np.ndarray, box: Sequence[float], patch: int) -> torch.Tensor:
+    """The box cut from the full-resolution uint8 image, ImageNet-normalised, then zero-padded at the
+    bottom and right to a multiple of ``patch``: (3, H, W), no resizing."""
+    x0, y0, x1, y1 = rounded_box(box, *rgb.shape[:2])
+    return pad_to_multiple(to_tensor(rgb[y0:y1, x0:x1]), patch)
+
+
+def equal_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into batches of at most ``batch_size`` crops of one size.
+
+    Sizes are taken in order of first appearance and indices keep their order within a size; when
+    every size is equal the batches are consecutive runs of ``batch_size``.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    return [idx[lo:lo + batch_size] for idx in groups.values() for lo in range(0, len(idx), batch_size)]
+
+
 def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: ClusteringSettings,
                    device: torch.device, weights_file: Path | None = None, precision: str = "fp32") -> int:
     """CLS feature of every mask's box crop in a shard -> HDF5 (keys, features, float32); returns the count.
 
-    Images are decoded and cropped in ``s.decode_threads`` threads ahead of the ViT, which embeds
-    ``s.batch_size`` crops per forward pass in ``precision`` (autocast). ``weights_file``: the local
-    file of the backbone's hub weights (:mod:`maskdistill.weights_cache`).
+    Images are decoded and cropped (``s.crop``) in ``s.decode_threads`` threads ahead of the ViT,
+    which embeds up to ``s.batch_size`` crops of one size per forward pass in ``precision``
+    (autocast). ``weights_file``: the local file of the backbone's hub weights
+    (:mod:`maskdistill.weights_cache`). Features are written in the shard's mask order.
     """
     check_precision(precision, device)
     bb = s.backbone
-    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file, **_pos_embed_option(s.crop))
+    model = model.to(device)
+    patch = patch_size(model)
     items = read_mask_shard(mask_shard)
-    feats: list[np.ndarray] = []
+    if s.crop == "native":
+        sizes = [native_crop_size(it.box, it.height, it.width, patch) for it in items]
+    else:
+        sizes = [(s.crop_size, s.crop_size)] * len(items)
+    batches = equal_size_batches(sizes, s.batch_size)
+    features = np.zeros((len(items), int(model.num_features)), np.float32)
     with ThreadPoolExecutor(max_workers=s.decode_threads) as pool:
-        crops = read_ahead(pool, lambda it: box_crop_tensor(images_root / it.file_name, it.box, s.crop_size),
-                           items, ahead=2 * max(s.batch_size, s.decode_threads))
-        batches = progress(batched(crops, s.batch_size), total=-(-len(items) // s.batch_size),
-                           desc=f"describing {Path(mask_shard).name}", unit="batch")
-        for batch in batches:
+        order = [items[i] for idx in batches for i in idx]
+        crops = read_ahead(pool, lambda it: box_crop_tensor(images_root / it.file_name, it.box, s, patch),
+                           order, ahead=2 * max(s.batch_size, s.decode_threads))
+        for idx in progress(batches, total=len(batches), desc=f"describing {Path(mask_shard).name}",
+                            unit="batch"):
+            batch = torch.stack([next(crops) for _ in idx]).to(device)
             with autocast(device, precision):
-                feats.append(cls_features(model, torch.stack(batch).to(device)).float().cpu().numpy())
-    log.info("described %d masks of %s", len(items), mask_shard)
-    dim = int(model.num_features)
-    features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+                features[idx] = cls_features(model, batch).float().cpu().numpy()
+    log.info("described %d masks of %s in %d batches", len(items), mask_shard, len(batches))
     write_feature_shard(out_path, [it.key for it in items], features, bb.name)
     return len(items)
 
 
-def box_crop_tensor(image: Path, box: list[float], size: int) -> torch.Tensor:
-    """The normalised ``size`` x ``size`` crop of ``box`` from the image file (3, size, size)."""
-    return to_tensor(crop_box(read_rgb(image), box, size))
+def _pos_embed_option(crop: str) -> dict[str, str]:
+    """``pos_embed="dino"`` for native crops: the position embedding interpolated at any size as in
+    DINO, whose ViTs the authors' code uses.
+
+    TODO(i16 merge): ``create_vit`` gains ``pos_embed`` in the mining helper's branch; once merged,
+    pass ``pos_embed="dino" if crop == "native" else "timm"`` directly and delete this shim.
+    """
+    if crop != "native":
+        return {}
+    if "pos_embed" in inspect.signature(create_vit).parameters:
+        return {"pos_embed": "dino"}
+    log.warning("create_vit has no pos_embed option yet: native crops use timm's position-embedding "
+                "resampling")
+    return {}
+
+
+def box_crop_tensor(image: Path, box: list[float], s: ClusteringSettings, patch: int) -> torch.Tensor:
+    """The normalised crop of ``box`` from the image file as ``s.crop`` says: (3, crop_size,
+    crop_size) resized, or native (3, H, W) padded to a multiple of ``patch``."""
+    rgb = read_rgb(image)
+    return native_crop(rgb, box, patch) if s.crop == "native" else to_tensor(crop_box(rgb, box, s.crop_size))
 
 
 def write_feature_shard(path: Path, keys: Sequence[str], features: np.ndarray, backbone: str) -> None:
@@ -96,6 +165,18 @@ def read_features(path: Path) -> tuple[list[str], np.ndarray]:
         raise CorruptFileError(f"{path}: unreadable feature shard ({err})") from err
 
 
+def whitening_stats(features: np.ndarray, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The (mean, std) that :func:`whiten` applies, per dimension of ``features`` (N, D).
+
+    ``center=False`` is ``scipy.cluster.vq.whiten``: the mean is zero (no centring) and a dimension
+    of zero standard deviation is divided by 1 (left as it is) rather than by a tiny number.
+    """
+    std = features.std(0)
+    if center:
+        return features.mean(0), std
+    return np.zeros_like(std), np.where(std == 0, np.ones_like(std), std)
+
+
 def whiten(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Per-dimension standardisation, then L2 normalisation of each row."""
     z = (features - mean) / np.maximum(std, 1e-6)
@@ -103,12 +184,13 @@ def whiten(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
 
 
 def fit_kmeans(features: np.ndarray, s: ClusteringSettings) -> dict[str, np.ndarray]:
-    """Whitening statistics and MiniBatchKMeans centroids (``s.num_centroids``) fitted on ``features``."""
+    """Whitening statistics (centred or not, ``s.center``) and MiniBatchKMeans centroids
+    (``s.num_centroids``) fitted on ``features``."""
     k = s.num_centroids
     if len(features) < k:
         raise ValueError(f"config key 'clustering.num_clusters': {k} clusters requested but only "
                          f"{len(features)} masks were mined")
-    mean, std = features.mean(0), features.std(0)
+    mean, std = whitening_stats(features, s.center)
     km = MiniBatchKMeans(n_clusters=k, batch_size=s.kmeans_batch_size, n_init=s.n_init,
                          random_state=s.seed)
     log.info("K-means: %d centroids on %d features of %d dimensions, %d restarts", k, len(features),
@@ -160,23 +242,42 @@ def coco_from_masks(items: Iterable[MinedMask], clusters: np.ndarray, num_cluste
     return {"images": images, "annotations": anns, "categories": cats}
 
 
+def read_split_features(split: str, paths: Sequence[Path]) -> tuple[list[str], np.ndarray]:
+    """Keys and features of all feature shards of one split, in shard order."""
+    parts = [read_features(p) for p in progress(paths, total=len(paths), desc=f"{split} features",
+                                                 unit="shard")]
+    return [k for ks, _ in parts for k in ks], np.concatenate([f for _, f in parts])
+
+
+def fit_features(feats: dict[str, tuple[list[str], np.ndarray]], fit_on: Sequence[str],
+                 extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """The rows K-means is fitted on: the features of the ``fit_on`` splits, then the ``extra`` ones."""
+    missing = [split for split in fit_on if split not in feats]
+    if missing:
+        raise ValueError(f"config key 'clustering.fit_on': no features of split(s) {', '.join(missing)} "
+                         f"(given: {', '.join(feats)})")
+    return np.concatenate([feats[split][1] for split in fit_on] + list(extra))
+
+
 def cluster_splits(mask_shards: dict[str, list[Path]], feature_shards: dict[str, list[Path]],
                    out_jsons: dict[str, Path], out_model: Path, s: ClusteringSettings,
-                   image_ids: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
-    """Fit K-means on the train split's features, assign every split, write COCO pseudo-labels
-    (``out_jsons[split]``) and the model (``out_model``, npz); returns the cluster sizes per split."""
-    feats: dict[str, tuple[list[str], np.ndarray]] = {}
-    for split, paths in feature_shards.items():
-        parts = [read_features(p) for p in progress(paths, total=len(paths), desc=f"{split} features",
-                                                     unit="shard")]
-        keys = [k for ks, _ in parts for k in ks]
-        feats[split] = (keys, np.concatenate([f for _, f in parts]))
-    model = fit_kmeans(feats["train"][1], s)
+                   image_ids: dict[str, dict[str, int]] | None = None,
+                   extra_features: dict[str, list[Path]] | None = None) -> dict[str, Any]:
+    """Fit K-means on the features of the ``s.fit_on`` splits and of ``extra_features`` (split ->
+    feature shards of the ``clustering.extra_images`` folders, read for the fit only), assign every
+    split of ``out_jsons``, write its COCO pseudo-labels (``out_jsons[split]``) and the model
+    (``out_model``, npz); returns the rows fitted on and the cluster sizes per split."""
+    feats = {split: read_split_features(split, paths) for split, paths in feature_shards.items()}
+    extra = {split: read_split_features(split, paths)[1] for split, paths in (extra_features or {}).items()}
+    fitted = {split: len(feats[split][1]) for split in s.fit_on if split in feats}
+    fitted |= {split: len(f) for split, f in extra.items()}
+    log.info("K-means fitted on the masks of %s", ", ".join(f"{n} {split}" for split, n in fitted.items()))
+    model = fit_kmeans(fit_features(feats, s.fit_on, list(extra.values())), s)
     k = len(model["centroids"])
     with atomic_path(out_model, suffix=".tmp.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **model)
-    summary: dict[str, Any] = {"num_clusters": k}
+    summary: dict[str, Any] = {"num_clusters": k, "fitted_on": fitted}
     for split, out in out_jsons.items():
         keys, f = feats[split]
         clusters = dict(zip(keys, assign_clusters(f, model), strict=True))

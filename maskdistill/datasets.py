@@ -246,6 +246,29 @@ def read_image_list(path: str | os.PathLike[str]) -> list[ImageRecord]:
         raise ValueError(f"{path}: not an image list written by maskdistill ({err!r})") from err
 
 
+# ---------------------------------------------------------------- extra images for K-means
+
+EXTRA_IMAGES_KEY = "clustering.extra_images"
+
+
+def extra_splits(folders: Sequence[PathLike]) -> dict[str, str]:
+    """The ``clustering.extra_images`` folders as splits, in config order: ``extra0``, ``extra1``, ..."""
+    return {f"extra{i}": str(folder) for i, folder in enumerate(folders)}
+
+
+def extra_records(folder: PathLike) -> list[ImageRecord]:
+    """The images below one ``clustering.extra_images`` folder, sorted by key; a missing or empty
+    folder is an error naming the key."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DatasetLayoutError(f"config key '{EXTRA_IMAGES_KEY}': folder not found: {path}")
+    records = list_image_folder(path)
+    if not records:
+        raise ValueError(f"config key '{EXTRA_IMAGES_KEY}': no images found in {path} "
+                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return records
+
+
 # ---------------------------------------------------------------- PASCAL VOC 2012
 
 

@@ -17,7 +17,15 @@ from typing import Any
 
 import maskdistill
 from maskdistill.config import LOGS, RESULTS, check_references, fingerprint, validate_config
-from maskdistill.datasets import DatasetSource, dataset_source, records_from_paths, shard_of
+from maskdistill.datasets import (
+    EXTRA_IMAGES_KEY,
+    DatasetSource,
+    dataset_source,
+    extra_records,
+    extra_splits,
+    records_from_paths,
+    shard_of,
+)
 from maskdistill.images import file_problem
 from maskdistill.settings import Settings, build
 from maskdistill.weights_cache import HubWeight, config_hub_weights
@@ -44,6 +52,8 @@ class Plan:
     shards: tuple[str, ...]
     probe_labels: dict[str, str | None] = field(default_factory=dict)
     segment_images: list[tuple[str, str]] = field(default_factory=list)  # segment.images, planned
+    # clustering.extra_images: extra0, ... -> planned (key, path); mined and described for K-means only
+    extra_splits: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def has_val(self) -> bool:
@@ -129,9 +139,16 @@ class Plan:
             stages[f"{self.final_segmentation}+crf"] = f"{RESULTS}/{self.final_segmentation}/crf/{split}"
         return stages
 
+    @property
+    def kmeans_splits(self) -> tuple[str, ...]:
+        """The splits whose mask features K-means is fitted on: ``clustering.fit_on``, then the
+        extra folders (which nothing else reads)."""
+        return (*self.settings.clustering.fit_on, *self.extra_splits)
+
     def shard_members(self, split: str, shard: str) -> list[tuple[str, str]]:
-        """The planned (key, path) pairs of one shard of ``split``."""
-        return shard_members(self.splits[split], shard, self.settings.dataset.num_shards)
+        """The planned (key, path) pairs of one shard of ``split`` (a dataset split or an extra one)."""
+        pairs = self.splits[split] if split in self.splits else self.extra_splits[split]
+        return shard_members(pairs, shard, self.settings.dataset.num_shards)
 
     def targets(self) -> list[str]:
         """What ``snakemake`` makes by default: every split segmented, the input report and, with
@@ -180,7 +197,8 @@ def make_plan(raw: dict[str, Any]) -> Plan:
         segment = [(r.key, str(r.path)) for r in records_from_paths([settings.segment.images])]
         if settings.dataset.on_bad_image == "fail":
             _refuse_unreadable(segment, "segment.images")
-    return Plan(config, settings, source, splits, shards, labels, segment)
+    return Plan(config, settings, source, splits, shards, labels, segment,
+                extra_splits=_kmeans_extras(settings, splits))
 
 
 def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
@@ -195,6 +213,24 @@ def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
         out[split] = source.planned(split)
         if source.dataset.source != "demo" and source.dataset.on_bad_image == "fail":
             _refuse_unreadable(out[split], source.images_key(split))
+    return out
+
+
+def _kmeans_extras(settings: Settings, splits: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """The ``clustering.extra_images`` folders planned as splits (``extra0``, ...), after checking
+    that every ``clustering.fit_on`` split exists; errors name the key."""
+    missing = [split for split in settings.clustering.fit_on if split not in splits]
+    if missing:
+        raise ValueError(f"config key 'clustering.fit_on': split(s) {', '.join(missing)} not configured "
+                         f"(dataset.source {settings.dataset.source} has {', '.join(splits)})")
+    out = {}
+    for split, folder in extra_splits(settings.clustering.extra_images).items():
+        if owned_by_workflow(folder):
+            raise ValueError(f"config key '{EXTRA_IMAGES_KEY}': {folder} lies inside the workflow's results "
+                             "or logs folder; keep your data elsewhere")
+        out[split] = [(r.key, str(r.path)) for r in extra_records(folder)]
+        if settings.dataset.on_bad_image == "fail":
+            _refuse_unreadable(out[split], EXTRA_IMAGES_KEY)
     return out
 
 
@@ -267,7 +303,7 @@ def shard_digest(members: list[tuple[str, str]]) -> str:
     return images_fingerprint(members)
 
 
-FEATURE_KEYS = ("backbone", "crop_size", "batch_size", "decode_threads")
+FEATURE_KEYS = ("backbone", "crop", "crop_size", "batch_size", "decode_threads")
 
 
 # Keys added after results may already exist, with the value that behaves as before the key did.
@@ -275,6 +311,10 @@ FEATURE_KEYS = ("backbone", "crop_size", "batch_size", "decode_threads")
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
                                           ("mining", "seed_from"): "affinity",
                                           ("clustering", "decode_threads"): 1,
+                                          ("clustering", "crop"): "resize",
+                                          ("clustering", "center"): True,
+                                          ("clustering", "fit_on"): ["train"],
+                                          ("clustering", "extra_images"): [],
                                           ("precision",): "fp32",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}

@@ -135,6 +135,7 @@ class MiningSettings:
 @dataclass(frozen=True)
 class ClusteringSettings:
     backbone: VitSettings
+    crop: str
     crop_size: int
     batch_size: int
     decode_threads: int
@@ -143,6 +144,9 @@ class ClusteringSettings:
     kmeans_batch_size: int
     n_init: int
     seed: int
+    center: bool
+    fit_on: tuple[str, ...]
+    extra_images: tuple[str, ...]
 
     @property
     def num_centroids(self) -> int:

@@ -1,4 +1,6 @@
 # Stage 1b: CLS features of each mask's box crop (one job per shard), then one global K-means.
+# The clustering.extra_images folders are the splits extra0, extra1, ...: mined and described like
+# the train split (rules mine and cluster_features), their features only join the K-means fit.
 
 # The features depend on the clustering keys of plan.FEATURE_KEYS only: a K-means setting does not
 # rerun them.
@@ -28,6 +30,7 @@ rule cluster:
         features_train=shard_files("features", "train"),
         masks_val=shard_files("masks", "val") if PLAN.has_val else [],
         features_val=shard_files("features", "val") if PLAN.has_val else [],
+        features_extra=[path for split in PLAN.extra_splits for path in shard_files("features", split)],
     output:
         train=f"{RESULTS}/clusters/train.json",
         val=f"{RESULTS}/clusters/val.json" if PLAN.has_val else [],
@@ -40,5 +43,6 @@ rule cluster:
     shell:
         "maskdistill cluster --config {params.cfg:q} --masks-train {input.masks_train}"
         " --features-train {input.features_train} --masks-val {input.masks_val}"
-        " --features-val {input.features_val} --out-train {output.train} {params.out_val}"
+        " --features-val {input.features_val} --features-extra {input.features_extra}"
+        " --out-train {output.train} {params.out_val}"
         " --out-model {output.model} > {log} 2>&1"

@@ -10,12 +10,19 @@ from pycocotools.coco import COCO
 
 from maskdistill.clustering import (
     assign_clusters,
+    cluster_splits,
     coco_from_masks,
     crop_box,
     describe_shard,
+    equal_size_batches,
+    fit_features,
     fit_kmeans,
+    native_crop,
+    native_crop_size,
     read_features,
     whiten,
+    whitening_stats,
+    write_feature_shard,
 )
 from maskdistill.settings import section_settings
 from maskdistill.storage import MaskShardWriter, MinedMask, decode_segmentation
@@ -128,3 +135,154 @@ def test_assignment_in_chunks_equals_the_full_distance_array():
     assert len(set(reference.tolist())) > 1
     with pytest.raises(ValueError, match="chunk_rows"):
         assign_clusters(x, model, 0)
+
+
+# ---------------------------------------------------------------- native crops (clustering.crop: native)
+
+
+def test_a_native_crop_is_the_normalised_box_zero_padded_to_the_patch_size():
+    from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = np.arange(10 * 13 * 3, dtype=np.int64).reshape(10, 13, 3).astype(np.uint8)
+    box = [1.6, 2.4, 8.7, 7.2]  # rounded: x 2..9, y 2..7 -> 5 rows x 7 columns
+    crop = native_crop(rgb, box, 4)
+    assert crop.shape == (3, 8, 8) and native_crop_size(box, 10, 13, 4) == (8, 8)
+    expected = (rgb[2:7, 2:9].astype(np.float64) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(crop[:, :5, :7].numpy(), expected.transpose(2, 0, 1), atol=1e-6)
+    assert (crop[:, 5:, :] == 0).all() and (crop[:, :, 7:] == 0).all()  # zeros after normalisation
+    assert native_crop(rgb, [0, 0, 8, 4], 4).shape == (3, 4, 8)  # already a multiple: no padding
+    assert native_crop_size([12.9, 9.8, 13.0, 10.0], 10, 13, 4) == (4, 4)  # clipped, at least 1 px
+
+
+def test_crops_are_batched_by_equal_size_in_order_of_first_appearance():
+    sizes = [(8, 8), (16, 8), (8, 8), (8, 8), (16, 8)]
+    assert equal_size_batches(sizes, 2) == [[0, 2], [3], [1, 4]]
+    assert equal_size_batches([(4, 4)] * 7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def _native_shard(tmp_path):
+    """Seven masks on images of different sizes; their padded crops (patch 16) share three sizes."""
+    rng = np.random.default_rng(1)
+    boxes = [[0, 0, 20, 30], [3, 1, 33, 17], [5, 5, 25, 25], [1, 0, 40, 33], [2, 2, 30, 30],
+             [0, 4, 24, 31], [7, 0, 38, 16]]
+    with MaskShardWriter(tmp_path / "masks.h5", {"backbone": "test"}) as writer:
+        for i, box in enumerate(boxes):
+            h, w = 34 + i, 41 + 2 * i
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+            mask = np.zeros((h, w), bool)
+            mask[box[1]:box[3], box[0]:box[2]] = True
+            writer.append(MinedMask(f"im{i}", f"im{i}.png", h, w, mask, [float(v) for v in box],
+                                    np.ones((1, 1), bool), np.ones((1, 1), np.float32), 0))
+    return boxes
+
+
+def test_native_crops_batched_by_size_get_the_features_they_get_one_at_a_time(tmp_path, monkeypatch):
+    from maskdistill import clustering
+    from maskdistill.backbone import cls_features, create_vit
+    from maskdistill.images import read_rgb
+
+    boxes = _native_shard(tmp_path)
+    passes: list[tuple[int, ...]] = []
+    embed = clustering.cls_features
+    monkeypatch.setattr(clustering, "cls_features",
+                        lambda model, x: passes.append(tuple(x.shape)) or embed(model, x))
+    features = {}
+    for batch_size in (1, 3):
+        passes.clear()
+        s = section_settings("clustering", {"backbone": {"name": "test_vit"}, "crop": "native",
+                                            "batch_size": batch_size})
+        assert describe_shard(tmp_path / "masks.h5", tmp_path, tmp_path / f"f{batch_size}.h5", s,
+                              torch.device("cpu")) == 7
+        features[batch_size] = read_features(tmp_path / f"f{batch_size}.h5")
+    # padded sizes: 32x32 (masks 0, 2, 4, 5), 16x32 (1, 6), 48x48 (3)
+    assert passes == [(3, 3, 32, 32), (1, 3, 32, 32), (2, 3, 16, 32), (1, 3, 48, 48)]
+    (keys1, one), (keys3, three) = features[1], features[3]
+    assert keys1 == keys3 == [f"im{i}" for i in range(7)]  # the shard's order, not the batches'
+    np.testing.assert_allclose(three, one, rtol=1e-4, atol=1e-5)
+    model = create_vit("test_vit")
+    alone = cls_features(model, native_crop(read_rgb(tmp_path / "im3.png"), boxes[3], 16)[None])
+    np.testing.assert_allclose(one[3], alone[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(one[3] - one[0]).max() > 1e-3  # different crops, different features
+
+
+def test_native_crops_ask_for_dino_position_embeddings_when_create_vit_offers_them(monkeypatch):
+    from maskdistill import clustering
+
+    def with_option(name, pretrained=False, checkpoint=None, weights_file=None, pos_embed="timm"):
+        raise AssertionError("not called")
+
+    def without_option(name, pretrained=False, checkpoint=None, weights_file=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(clustering, "create_vit", with_option)
+    assert clustering._pos_embed_option("native") == {"pos_embed": "dino"}
+    assert clustering._pos_embed_option("resize") == {}
+    monkeypatch.setattr(clustering, "create_vit", without_option)
+    assert clustering._pos_embed_option("native") == {}
+
+
+# ---------------------------------------------------------------- whitening and what K-means is fitted on
+
+
+def test_whitening_without_centring_divides_by_the_std_as_scipy_does():
+    x = np.array([[1.0, 2.0, 5.0], [3.0, 4.0, 5.0], [8.0, 0.0, 5.0]])  # last column constant
+    mean, std = whitening_stats(x, center=False)
+    assert (mean == 0).all()
+    np.testing.assert_allclose(std, [np.sqrt(26 / 3), np.sqrt(8 / 3), 1.0])  # a zero std divides by 1
+    hand = x / std
+    hand /= np.linalg.norm(hand, axis=1, keepdims=True)
+    np.testing.assert_allclose(whiten(x, mean, std), hand)
+    vq = pytest.importorskip("scipy.cluster.vq")
+    with pytest.warns(RuntimeWarning):  # scipy warns about the constant column, then divides it by 1
+        reference = vq.whiten(x)
+    np.testing.assert_allclose(whiten(x, mean, std), reference / np.linalg.norm(reference, axis=1,
+                                                                                 keepdims=True))
+    centred_mean, centred_std = whitening_stats(x, center=True)  # today's: centred, raw std
+    np.testing.assert_allclose(centred_mean, [4.0, 2.0, 5.0])
+    assert centred_std[2] == 0
+    assert (fit_kmeans(np.abs(_blobs()[0]), replace(CFG, center=False))["mean"] == 0).all()
+
+
+def test_kmeans_is_fitted_on_the_fit_on_splits_then_the_extra_rows():
+    feats = {"train": (["a"], np.array([[1.0, 0.0]])), "val": (["b"], np.array([[0.0, 1.0]]))}
+    extra = [np.array([[2.0, 2.0], [3.0, 3.0]])]
+    np.testing.assert_array_equal(fit_features(feats, ["train"]), [[1, 0]])
+    np.testing.assert_array_equal(fit_features(feats, ["val", "train"], extra),
+                                  [[0, 1], [1, 0], [2, 2], [3, 3]])
+    with pytest.raises(ValueError, match="clustering.fit_on"):
+        fit_features({"train": feats["train"]}, ["train", "val"])
+
+
+def _axis_points(axis: int, n: int, rng) -> np.ndarray:
+    x = rng.normal(0, 0.02, (n, 3)).astype(np.float32)
+    x[:, axis] += 1
+    return x
+
+
+@pytest.mark.parametrize(("fit_on", "val_axis", "extra", "sizes"), [
+    (["train"], 2, False, [10, 10]),  # train alone: its two groups, one centroid each
+    (["train", "val"], 2, False, [0, 20]),  # val's 30 masks take a centroid: train's groups share one
+    (["train"], 0, True, [0, 20]),  # the same through an extra folder's 30 masks
+])
+def test_the_masks_kmeans_is_fitted_on_decide_the_centroids(tmp_path, fit_on, val_axis, extra, sizes):
+    rng = np.random.default_rng(0)
+    groups = {"train": np.concatenate([_axis_points(0, 10, rng), _axis_points(1, 10, rng)]),
+              "val": _axis_points(val_axis, 30, rng), "extra0": _axis_points(2, 30, rng)}
+    masks, features = {}, {}
+    for split, x in groups.items():
+        keys = [f"{split}{i}" for i in range(len(x))]
+        features[split] = [tmp_path / f"{split}-features.h5"]
+        write_feature_shard(features[split][0], keys, x, "test")
+        masks[split] = [tmp_path / f"{split}-masks.h5"]
+        with MaskShardWriter(masks[split][0], {"backbone": "test"}) as writer:
+            for key in keys:
+                writer.append(MinedMask(key, f"{key}.png", 4, 4, np.ones((4, 4), bool), [0.0, 0.0, 4.0, 4.0],
+                                        np.ones((1, 1), bool), np.ones((1, 1), np.float32), 0))
+    s = replace(CFG, num_clusters=2, center=False, fit_on=tuple(fit_on))
+    outs = {"train": tmp_path / "train.json", "val": tmp_path / "val.json"}
+    summary = cluster_splits({k: masks[k] for k in outs}, {k: features[k] for k in outs}, outs,
+                             tmp_path / "kmeans.npz", s, extra_features={"extra0": features["extra0"]}
+                             if extra else None)
+    assert sorted(summary["train"]["cluster_sizes"]) == sizes
+    assert summary["fitted_on"] == {"train": 20} | ({"val": 30} if "val" in fit_on else {}) | (
+        {"extra0": 30} if extra else {})
