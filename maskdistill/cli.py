@@ -304,10 +304,10 @@ def cmd_cluster(a: argparse.Namespace, s: Settings) -> None:
     features = {"train": a.features_train, "val": a.features_val}
     ids = {split: {r.key: r.image_id for r in _records(s, split) if r.image_id is not None}
            for split in outs}
+    extra = {"extra_images": [Path(p) for p in a.features_extra]} if a.features_extra else {}
     summary = cluster_splits({split: [Path(p) for p in masks[split]] for split in outs},
                              {split: [Path(p) for p in features[split]] for split in outs},
-                             outs, Path(a.out_model), s.clustering, ids,
-                             {"extra_images": [Path(p) for p in a.features_extra]} if a.features_extra else {})
+                             outs, Path(a.out_model), s.clustering, ids, extra)
     log.info("clusters: %s", json.dumps(summary))
 
 

@@ -164,3 +164,55 @@ def test_coco20k_is_one_split_evaluated_on_itself(tmp_path):
                                   "results/clusters/gallery_train.jpg"]
     unlabelled = make_plan({"dataset": {"source": "coco20k", "coco20k": {**paths, "annotations": None}}})
     assert not unlabelled.has_gt and "results/metrics.json" not in unlabelled.targets()
+
+
+# ---------------------------------------------------------------- clustering: crops, whitening, K-means rows
+
+
+def test_the_clustering_keys_added_later_rerun_nothing_at_their_neutral_values():
+    before = validate_config({})
+    for key in ("crop", "center", "fit_on", "extra_images"):
+        before["clustering"].pop(key)
+    now = validate_config({})
+    features = {"only": FEATURE_KEYS}
+    assert rule_config(now, "clustering") == rule_config(before, "clustering")
+    assert rule_config(now, "clustering", **features) == rule_config(before, "clustering", **features)
+    native = copy.deepcopy(now)
+    native["clustering"]["crop"] = "native"  # the crops change: the features are extracted again
+    assert json.loads(rule_config(native, "clustering", **features))["clustering"]["crop"] == "native"
+    for key, value in (("center", False), ("fit_on", ["train", "val"]), ("extra_images", ["/data/voc07"])):
+        changed = copy.deepcopy(now)
+        changed["clustering"][key] = value  # K-means only: the features stay
+        assert rule_config(changed, "clustering", **features) == rule_config(now, "clustering", **features)
+        assert json.loads(rule_config(changed, "clustering"))["clustering"][key] == value
+
+
+def test_an_extra_image_folder_is_a_split_mined_for_kmeans_only(tmp_path):
+    extra = _images(tmp_path / "voc07", 5)
+    (extra / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(extra / "sub" / "deep.jpg")
+    plan = make_plan({"dataset": {"num_shards": 2}, "clustering": {"extra_images": [str(extra)],
+                                                                   "fit_on": ["train", "val"]}})
+    keys = ["im0", "im1", "im2", "im3", "im4", "sub/deep"]
+    assert list(plan.extra_splits) == ["extra0"] and "extra0" not in plan.splits
+    assert [k for k, _ in plan.extra_splits["extra0"]] == keys
+    assert plan.extra_splits["extra0"][-1] == ("sub/deep", str(extra / "sub" / "deep.jpg"))
+    shards = [plan.shard_members("extra0", shard) for shard in plan.shards]
+    assert sorted(k for members in shards for k, _ in members) == keys and all(shards)
+    assert plan.kmeans_splits == ("train", "val", "extra0")
+    # no pseudo-labels, detector, segmentation or evaluation for it
+    assert not any("extra" in target for target in plan.targets())
+    assert not any("extra" in folder for folder in plan.eval_stages.values())
+    assert plan.eval_split == "val"
+    assert make_plan({}).extra_splits == {} and make_plan({}).kmeans_splits == ("train",)
+
+
+def test_a_missing_or_empty_extra_folder_and_an_absent_fit_on_split_name_their_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"clustering\.extra_images.*folder not found.*nowhere"):
+        make_plan({"clustering": {"extra_images": [str(tmp_path / "nowhere")]}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"clustering\.extra_images.*no images found"):
+        make_plan({"clustering": {"extra_images": [str(tmp_path / "empty")]}})
+    train = {"dataset": {"source": "images", "train": {"images": str(_images(tmp_path / "t"))}}}
+    with pytest.raises(ValueError, match=r"clustering\.fit_on.*val"):
+        make_plan(train | {"clustering": {"fit_on": ["train", "val"]}})
