@@ -216,22 +216,38 @@ def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _kmeans_extras(settings: Settings, splits: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+def _kmeans_extras(settings: Settings, splits: dict[str, list[tuple[str, str]]]
+                   ) -> dict[str, list[tuple[str, str]]]:
     """The ``clustering.extra_images`` folders planned as splits (``extra0``, ...), after checking
-    that every ``clustering.fit_on`` split exists; errors name the key."""
+    that every ``clustering.fit_on`` split exists; errors name the key.
+
+    An image already planned (in a dataset split or an earlier folder, by its absolute path) is left
+    out, so that naming all of COCO's train2014 beside COCO20k, or VOC2012/JPEGImages beside VOC,
+    adds only the other images and no mask is fitted on twice.
+    """
     missing = [split for split in settings.clustering.fit_on if split not in splits]
     if missing:
         raise ValueError(f"config key 'clustering.fit_on': split(s) {', '.join(missing)} not configured "
                          f"(dataset.source {settings.dataset.source} has {', '.join(splits)})")
+    seen = {_absolute(path) for pairs in splits.values() for _, path in pairs}
     out = {}
     for split, folder in extra_splits(settings.clustering.extra_images).items():
         if owned_by_workflow(folder):
             raise ValueError(f"config key '{EXTRA_IMAGES_KEY}': {folder} lies inside the workflow's results "
                              "or logs folder; keep your data elsewhere")
-        out[split] = [(r.key, str(r.path)) for r in extra_records(folder)]
+        pairs = [(r.key, str(r.path)) for r in extra_records(folder)]
+        out[split] = [(key, path) for key, path in pairs if _absolute(path) not in seen]
+        if not out[split]:
+            raise ValueError(f"config key '{EXTRA_IMAGES_KEY}': every image in {folder} is already planned "
+                             "(in a dataset split or an earlier folder); nothing to add")
+        seen.update(_absolute(path) for _, path in out[split])
         if settings.dataset.on_bad_image == "fail":
             _refuse_unreadable(out[split], EXTRA_IMAGES_KEY)
     return out
+
+
+def _absolute(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def _refuse_unreadable(pairs: list[tuple[str, str]], key: str) -> None:

@@ -207,6 +207,17 @@ def test_an_extra_image_folder_is_a_split_mined_for_kmeans_only(tmp_path):
     assert make_plan({}).extra_splits == {} and make_plan({}).kmeans_splits == ("train",)
 
 
+def test_an_extra_folder_adds_only_the_images_not_planned_already(tmp_path):
+    train = _images(tmp_path / "coco" / "t", 2)  # the dataset's images lie inside the extra folder
+    Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "other.png")
+    cfg = {"dataset": {"source": "images", "train": {"images": str(train)}},
+           "clustering": {"extra_images": [str(tmp_path / "coco"), str(train)]}}
+    with pytest.raises(ValueError, match=r"clustering\.extra_images.*already planned"):
+        make_plan(cfg)  # the second folder adds nothing
+    cfg["clustering"]["extra_images"] = [str(tmp_path / "coco")]
+    assert make_plan(cfg).extra_splits == {"extra0": [("other", str(tmp_path / "coco" / "other.png"))]}
+
+
 def test_a_missing_or_empty_extra_folder_and_an_absent_fit_on_split_name_their_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"clustering\.extra_images.*folder not found.*nowhere"):
         make_plan({"clustering": {"extra_images": [str(tmp_path / "nowhere")]}})
