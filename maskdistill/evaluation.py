@@ -26,10 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from maskdistill.ground_truth import GroundTruth, as_ground_truth
-from maskdistill.ground_truth import annotations_by_image, category_labels, check_image_entries
+from maskdistill.ground_truth import (
+    GroundTruth,
+    annotations_by_image,
+    as_ground_truth,
+    category_labels,
+    check_image_entries,
+)
 from maskdistill.mask_ap import annotation_box
-from maskdistill.metrics import MODES, confusion_matrix, mapping_from_votes, match_clusters, miou_after_matching
+from maskdistill.metrics import (
+    MODES,
+    confusion_matrix,
+    mapping_from_votes,
+    match_clusters,
+    miou_after_matching,
+)
 from maskdistill.paper import PAPER_REFERENCE
 from maskdistill.report import write_examples_figure, write_report
 from maskdistill.storage import (
@@ -86,14 +97,16 @@ def gt_object_boxes(gt_instances: Path) -> tuple[dict[str, list[tuple[np.ndarray
     objects = {}
     for im in check_image_entries(coco, gt_instances):
         h, w = int(im["height"]), int(im["width"])
+        anns = [a for a in index.get(int(im["id"]), []) if not a.get("iscrowd", 0)]
         objects[key_of_file(im["file_name"])] = [(annotation_box(a, h, w), to_label[int(a["category_id"])])
-                                                 for a in index.get(int(im["id"]), []) if not a.get("iscrowd", 0)]
+                                                 for a in anns]
     return objects, len(names) - 1
 
 
 def mined_masks(clusters_json: Path) -> list[tuple[str, list[float], int]]:
     """(image key, box x0, y0, x1, y1, cluster) of each mask of a clusters file (streamed)."""
-    keys = {int(im["id"]): key_of_file(im["file_name"]) for im in iter_json_items(clusters_json, "images.item")}
+    keys = {int(im["id"]): key_of_file(im["file_name"])
+            for im in iter_json_items(clusters_json, "images.item")}
     out = []
     for ann in iter_json_items(clusters_json, "annotations.item"):
         x, y, w, h = (float(v) for v in ann["bbox"])

@@ -134,7 +134,8 @@ def stage_table(metrics: Mapping[str, Any], stages: Sequence[str]) -> pd.DataFra
     if both:
         columns += list(MAPPING_COLUMNS.values())
     rows = [(metrics[s]["miou"], metrics[s]["pixel_accuracy"],
-             *((metrics[s]["by_mapping"][m]["miou"] for m in MAPPING_COLUMNS) if both else ())) for s in stages]
+             *((metrics[s]["by_mapping"][m]["miou"] for m in MAPPING_COLUMNS) if both else ()))
+            for s in stages]
     return pd.DataFrame(rows, index=pd.Index(list(stages), name="stage"), columns=columns, dtype=float)
 
 
