@@ -183,3 +183,24 @@ def test_the_mined_mask_mapping_scores_every_stage_beside_the_pixel_one(tmp_path
     assert primary["s"]["per_class"] == {"background": 100.0, "person": 0.0, "cat": 0.0}
     with pytest.raises(ValueError, match="evaluation.mapping: masks"):
         evaluate(*args, mapping="masks")
+
+
+def test_cli_evaluate_with_the_clusters_file_uses_the_configured_mapping(tmp_path):
+    from maskdistill.cli import main
+
+    coco_path, root, gts = make_split(tmp_path)
+    clusters = _write_clusters(tmp_path)
+    pred = tmp_path / "pred"
+    for key, gt in gts.items():
+        write_label_png(pred / f"{key}.png", np.where(gt == 255, 0, gt))
+    cfg = json.dumps({"device": "cpu", "clustering": {"num_clusters": 2},
+                      "dataset": {"source": "images", "train": {"images": str(root)},
+                                  "val": {"images": str(root), "annotations": str(coco_path)}},
+                      "evaluation": {"mapping": "masks", "figure_rows": 1}})
+    out = tmp_path / "out"
+    assert main(["evaluate", "--config", cfg, "--pred", f"s={pred}", "--clusters", str(clusters),
+                 "--out-metrics", str(out / "m.json"), "--out-report", str(out / "r.md"),
+                 "--out-figure", str(out / "f.png")]) == 0
+    m = json.loads((out / "m.json").read_text())
+    assert m["meta"]["mapping"] == "masks" and m["s"]["miou"] == pytest.approx(100 / 3)
+    assert m["s"]["by_mapping"]["pixels"]["miou"] == pytest.approx(100.0)

@@ -238,3 +238,17 @@ def test_mask_ap_streams_predictions_in_any_order_with_the_same_result(tmp_path)
                            setting, chunk_images=2)
         assert shuffled == grouped
         assert grouped["num_predictions"] == (len(preds) if setting == "multi" else 7)
+
+
+def test_cli_mask_ap_passes_the_single_object_rule(tmp_path):
+    from maskdistill.cli import main
+    from maskdistill.storage import read_json
+
+    gt = _write_gt(tmp_path)
+    preds = _write_preds(tmp_path, [_ann(0, 1, 1, GT_MASKS[1][0][1], 0.9)])
+    for rule, single_ap in (("reference", 100.0), ("ours", 50.0)):
+        out = tmp_path / f"{rule}.json"
+        assert main(["mask-ap", "--gt", str(gt), "--predictions", str(preds), "--single-object", rule,
+                     "--out", str(out)]) == 0
+        single = read_json(out)["single"]
+        assert single["AP"] == pytest.approx(single_ap) and single["single_object"] == rule
