@@ -123,7 +123,10 @@ def mask_mapping(clusters_json: Path, gt_instances: Path, num_clusters: int) -> 
     "clusters", "ground_truth"}``."""
     objects, num_classes = gt_object_boxes(gt_instances)
     masks = mined_masks(clusters_json)
-    votes = mask_votes(masks, objects, num_clusters, num_classes)
+    try:
+        votes = mask_votes(masks, objects, num_clusters, num_classes)
+    except ValueError as err:
+        raise ValueError(f"{clusters_json}: {err}") from err
     return {"mapping": mapping_from_votes(votes).tolist(), "votes": votes.tolist(), "num_masks": len(masks),
             "num_voting": int(votes.sum()), "clusters": str(clusters_json), "ground_truth": str(gt_instances)}
 

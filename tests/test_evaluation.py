@@ -183,6 +183,8 @@ def test_the_mined_mask_mapping_scores_every_stage_beside_the_pixel_one(tmp_path
     assert primary["s"]["per_class"] == {"background": 100.0, "person": 0.0, "cat": 0.0}
     with pytest.raises(ValueError, match="evaluation.mapping: masks"):
         evaluate(*args, mapping="masks")
+    with pytest.raises(ValueError, match=r"clusters\.json: mined mask of 'a' has cluster 2; clusters are 1"):
+        mask_mapping(clusters, coco_path, 1)  # a clusters file of another k
 
 
 def test_cli_evaluate_with_the_clusters_file_uses_the_configured_mapping(tmp_path):
