@@ -477,6 +477,8 @@ def _class_names(text: str | None) -> list[str]:
          arg("--mask-ap", help="mask_ap.json to include in the report"),
          arg("--linear-probe", help="linear-probe metrics JSON to include in the report"),
          arg("--mask-quality", help="mined-mask quality JSON (mask-quality) to include"),
+         arg("--clusters", help="the split's clusters file (results/clusters/<split>.json): also score "
+                                "the mined-mask mapping (evaluation.mapping)"),
          arg("--note", action="append"),
          arg("--paper", default="auto", help="paper numbers to compare with: voc, coco20k, none, or auto "
                                              "(from dataset.source)"),
@@ -518,23 +520,27 @@ def cmd_evaluate(a: argparse.Namespace, s: Settings) -> None:
     evaluate({k: Path(v) for k, v in stages.items()}, gt, root, s.num_labels, Path(a.out_metrics),
              Path(a.out_report), Path(a.out_figure), notes, mode=s.evaluation.matching,
              max_figure_rows=s.evaluation.figure_rows, extras=extras,
-             paper=a.paper if a.paper != "auto" else s.dataset.source)
+             paper=a.paper if a.paper != "auto" else s.dataset.source, mapping=s.evaluation.mapping,
+             mined=(Path(a.clusters), Path(source.gt_instances(a.split)))
+             if a.clusters and source.gt_instances(a.split) else None)
 
 
 @command("mask-ap", "class-aware mask AP/AP50 of cluster predictions (Hungarian)",
          arg("--gt", required=True, help="COCO instances file (ground truth)"),
          arg("--predictions", required=True, help="COCO results (cluster ids 1..K, scores)"),
          arg("--setting", choices=("multi", "single", "both"), default="both"),
+         arg("--single-object", choices=("reference", "ours"), default="ours",
+             help="single-object rule (evaluation.single_object)"),
          arg("--out", required=True, help="JSON with AP, AP50, AP75, the matching"), settings=False)
 def cmd_mask_ap(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.mask_ap import mask_ap, mask_ap_report
     from maskdistill.storage import write_json
 
     if a.setting == "both":
-        result = mask_ap_report(Path(a.gt), Path(a.predictions))
+        result = mask_ap_report(Path(a.gt), Path(a.predictions), a.single_object)
         shown = {setting: {k: result[setting][k] for k in ("AP", "AP50")} for setting in ("multi", "single")}
     else:
-        result = mask_ap(Path(a.gt), Path(a.predictions), a.setting)
+        result = mask_ap(Path(a.gt), Path(a.predictions), a.setting, single_rule=a.single_object)
         shown = {k: result[k] for k in ("AP", "AP50")}
     write_json(Path(a.out), result)
     print(json.dumps(shown))

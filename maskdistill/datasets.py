@@ -62,6 +62,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "tvmonitor",
 )
 VOC_SPLITS = ("train", "val", "trainval", "train_aug")
+VOC_MASK_AP_SPLITS = {"seg_trainval": "trainval"}  # split -> VOC list; scored by mask AP only
 VOC_TRAIN_AUG_LISTS = (
     "ImageSets/Segmentation/train_aug.txt",
     "ImageSets/Segmentation/trainaug.txt",
@@ -518,8 +519,14 @@ class DatasetSource:
         """The config key that says where the images of ``split`` are (for error messages)."""
         return f"dataset.{split}.images"
 
+    @property
+    def mask_ap_splits(self) -> tuple[str, ...]:
+        """Splits with ground-truth instances that only mask AP reads (the detector predicts on
+        them; nothing is mined there): ``evaluation.mask_ap_split`` may name them."""
+        return ()
+
     def check_split(self, split: str) -> None:
-        if split not in self.splits:
+        if split not in self.splits and split not in self.mask_ap_splits:
             raise ValueError(f"config key 'dataset.{split}': split '{split}' is not configured "
                              f"(dataset.source {self.dataset.source} has {', '.join(self.splits)})")
 
@@ -576,19 +583,32 @@ class ImageFolderSource(DatasetSource):
 
 
 class VocSource(DatasetSource):
-    """PASCAL VOC 2012: ``train_split`` is mined and trained on, ``val_split`` is evaluated."""
+    """PASCAL VOC 2012: ``train_split`` is mined and trained on, ``val_split`` is evaluated;
+    ``seg_trainval`` (ImageSets/Segmentation/trainval.txt, 2913 images) is scored by mask AP only."""
+
+    @property
+    def mask_ap_splits(self) -> tuple[str, ...]:
+        return tuple(VOC_MASK_AP_SPLITS)
+
+    def _voc_split(self, split: str) -> tuple[str, str | None]:
+        """The VOC list name of a split and its explicit list file (train only)."""
+        voc = self.dataset.voc
+        if split == "train":
+            return voc.train_split, voc.train_list
+        return VOC_MASK_AP_SPLITS.get(split, voc.val_split), None
 
     def images_root(self, split: str) -> Path:
         return Path(self.dataset.voc.root or "") / "JPEGImages"
 
     def records(self, split: str) -> list[ImageRecord]:
         self.check_split(split)
-        voc = self.dataset.voc
-        name, list_file = (voc.train_split, voc.train_list) if split == "train" else (voc.val_split, None)
-        return voc_records(voc.root or "", name, list_file, self.dataset.on_bad_image)
+        name, list_file = self._voc_split(split)
+        return voc_records(self.dataset.voc.root or "", name, list_file, self.dataset.on_bad_image)
 
     def gt_instances(self, split: str) -> str | None:
-        return voc_gt_path(self.dataset.voc.val_split, self.results) if split == "val" else None
+        if split == "val" or split in VOC_MASK_AP_SPLITS:
+            return voc_gt_path(self._voc_split(split)[0], self.results)
+        return None
 
     def gt_semantic(self, split: str) -> str | None:
         return str(Path(self.dataset.voc.root or "") / "SegmentationClass") if split == "val" else None
@@ -638,7 +658,8 @@ def dataset_source(dataset: DatasetSettings, results: str = RESULTS) -> DatasetS
 
 
 def voc_gt_path(val_split: str, results: str = RESULTS) -> str:
-    """Where the workflow writes the COCO instances of the evaluated VOC split."""
+    """Where the workflow writes the COCO instances of a VOC segmentation list (the evaluated one,
+    or the mask-AP split's)."""
     return str(Path(results) / GT_DIR / f"voc_{val_split}.json")
 
 

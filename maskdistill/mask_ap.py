@@ -14,7 +14,8 @@ Settings:
 - ``multi``: every prediction against every ground-truth object.
 - ``single``: per image only the most confident prediction, against the one ground-truth object
   (non-crowd) whose box has the largest IoU with the prediction's box (ties: the larger object);
-  other ground-truth objects of that image are dropped.
+  other ground-truth objects of that image are dropped. An image without a prediction keeps its
+  largest object as a miss (rule ``ours``) or is skipped (rule ``reference``, the authors').
 
 Memory does not grow with the number of predictions: the predictions file is streamed image by
 image (:func:`maskdistill.storage.annotation_groups`), twice (the matching, then AP), and AP is
@@ -56,6 +57,7 @@ from maskdistill.training import progress
 log = logging.getLogger("maskdistill")
 
 SETTINGS = ("multi", "single")
+SINGLE_OBJECT_RULES = ("reference", "ours")  # evaluation.single_object
 CHUNK_IMAGES = 500  # images matched at once by pycocotools
 
 
@@ -118,7 +120,7 @@ def load_predictions(predictions: Path, gt: dict[str, Any]) -> list[dict[str, An
 # ---------------------------------------------------------------- single-object selection
 
 
-def _box(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
+def annotation_box(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
     """x0, y0, x1, y1 of an annotation (its bbox, else its mask's extent)."""
     if "bbox" in ann:
         x, y, bw, bh = (float(v) for v in ann["bbox"])
@@ -130,11 +132,12 @@ def _box(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
 
 
-def single_object(image: dict[str, Any], gt_anns: list[dict[str, Any]], preds: list[dict[str, Any]]
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def single_object(image: dict[str, Any], gt_anns: list[dict[str, Any]], preds: list[dict[str, Any]],
+                  rule: str = "ours") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The single-object setting of one image: its most confident prediction (the first of equal
-    scores) and the non-crowd GT object of largest box IoU with it (ties: the larger object; without
-    a prediction, the largest object); no GT object when the image has none."""
+    scores) and the non-crowd GT object of largest box IoU with it (ties: the larger object); no GT
+    object when the image has none. Without a prediction, ``rule`` ``ours`` keeps the largest
+    object (a miss) and ``reference`` (the authors') skips the image: nothing is kept."""
     best: dict[str, Any] | None = None
     for p in preds:
         if best is None or float(p["score"]) > float(best["score"]):
@@ -143,23 +146,24 @@ def single_object(image: dict[str, Any], gt_anns: list[dict[str, Any]], preds: l
     if not objects:
         return [], [best] if best else []
     h, w = int(image["height"]), int(image["width"])
-    if best is None:  # no prediction: the largest object stays (a miss either way)
-        return [max(objects, key=lambda a: float(a.get("area", 0)))], []
-    pbox = _box(best, h, w)
-    scored = [(box_iou(pbox, _box(a, h, w)), float(a.get("area", 0)), a) for a in objects]
+    if best is None:  # no prediction: ours keeps the largest object as a miss, the reference skips
+        return ([max(objects, key=lambda a: float(a.get("area", 0)))], []) if rule == "ours" else ([], [])
+    pbox = annotation_box(best, h, w)
+    scored = [(box_iou(pbox, annotation_box(a, h, w)), float(a.get("area", 0)), a) for a in objects]
     return [max(scored, key=lambda t: (t[0], t[1]))[2]], [best]
 
 
-def select_single(gt: dict[str, Any], preds: list[dict[str, Any]]) -> tuple[dict[str, Any], list]:
+def select_single(gt: dict[str, Any], preds: list[dict[str, Any]], rule: str = "ours"
+                  ) -> tuple[dict[str, Any], list]:
     """The single-object setting of a whole split: top prediction per image, GT object of largest
-    box IoU (:func:`single_object`); the GT keeps every image."""
+    box IoU (:func:`single_object` under ``rule``); the GT keeps every image."""
     index = annotations_by_image(gt)
     by_image: dict[int, list[dict[str, Any]]] = {}
     for p in preds:
         by_image.setdefault(int(p["image_id"]), []).append(p)
     kept, best = [], []
     for im in gt["images"]:
-        objects, top = single_object(im, index.get(int(im["id"]), []), by_image.get(int(im["id"]), []))
+        objects, top = single_object(im, index.get(int(im["id"]), []), by_image.get(int(im["id"]), []), rule)
         kept += objects
         best += top
     return dict(gt, annotations=kept), sorted(best, key=lambda p: p["image_id"])
@@ -375,15 +379,19 @@ def coco_segm_stats(gt: dict[str, Any], results: list[dict[str, Any]], chunk_ima
 
 
 def mask_ap(gt_instances: Path, predictions: Path, setting: str = "multi",
-            chunk_images: int = CHUNK_IMAGES) -> dict[str, Any]:
+            chunk_images: int = CHUNK_IMAGES, single_rule: str = "ours") -> dict[str, Any]:
     """Class-aware mask AP / AP50 / AP75 (0-100) of cluster predictions after Hungarian matching.
 
     The predictions are streamed twice (the matching, then AP over chunks of ``chunk_images``
-    images). Returns ``{"AP", "AP50", "AP75", "setting", "mapping" {cluster id: GT category id},
-    "num_images", "num_predictions", "num_gt_objects", "num_matched"}``.
+    images); ``single_rule`` is the single-object rule (:func:`single_object`). Returns ``{"AP",
+    "AP50", "AP75", "setting", "single_object" (single only), "mapping" {cluster id: GT category
+    id}, "num_images", "num_predictions", "num_gt_objects", "num_matched"}``.
     """
     if setting not in SETTINGS:
         raise ValueError(f"unknown mask AP setting {setting!r}; use one of {SETTINGS}")
+    if single_rule not in SINGLE_OBJECT_RULES:
+        raise ValueError(f"unknown single-object rule {single_rule!r} (evaluation.single_object); "
+                         f"use one of {SINGLE_OBJECT_RULES}")
     gt = read_json(gt_instances)
     if not gt.get("images") or not gt.get("categories"):
         raise ValueError(f"{gt_instances}: a COCO instances file needs 'images' and 'categories'")
@@ -403,7 +411,9 @@ def mask_ap(gt_instances: Path, predictions: Path, setting: str = "multi",
 
     def case(im: dict[str, Any], preds: list[dict[str, Any]]):
         objects = index.get(int(im["id"]), [])
-        return (im, *single_object(im, objects, preds)) if setting == "single" else (im, objects, preds)
+        if setting == "single":
+            return (im, *single_object(im, objects, preds, single_rule))
+        return im, objects, preds
 
     to_label, names = category_labels(gt)
     conf = np.zeros((1, len(names)), dtype=np.int64)
@@ -429,7 +439,8 @@ def mask_ap(gt_instances: Path, predictions: Path, setting: str = "multi",
             chunk = []
     _add_chunk(acc, chunk, mapping)
     stats = acc.stats()
-    out = {**stats, "setting": setting, "mapping": {str(k): v for k, v in mapping.items()},
+    out = {**stats, "setting": setting, **({"single_object": single_rule} if setting == "single" else {}),
+           "mapping": {str(k): v for k, v in mapping.items()},
            "num_images": len(gt["images"]), "num_predictions": acc.num_results,
            "num_gt_objects": num_gt_objects, "num_matched": len(set(mapping.values()))}
     log.info("mask AP (%s): AP %.2f AP50 %.2f over %d images, %d predictions", setting, out["AP"],
@@ -445,8 +456,8 @@ def _add_chunk(acc: SegmAccumulator, chunk: list, mapping: dict[int, int]) -> No
              if int(p["category_id"]) in mapping])
 
 
-def mask_ap_report(gt_instances: Path, predictions: Path) -> dict[str, Any]:
+def mask_ap_report(gt_instances: Path, predictions: Path, single_rule: str = "ours") -> dict[str, Any]:
     """Both settings: ``{"multi": {...}, "single": {...}, "ground_truth", "predictions"}``."""
     return {"multi": mask_ap(gt_instances, predictions, "multi"),
-            "single": mask_ap(gt_instances, predictions, "single"),
+            "single": mask_ap(gt_instances, predictions, "single", single_rule=single_rule),
             "ground_truth": str(gt_instances), "predictions": str(predictions)}

@@ -70,6 +70,23 @@ def match_clusters(conf: np.ndarray, mode: str = "iou") -> np.ndarray:
     return mapping
 
 
+def mapping_from_votes(votes: np.ndarray) -> np.ndarray:
+    """GT class (0..C) of each predicted label 0..K from (K, C) votes of clusters 1..K for classes
+    1..C (the authors' mapping from mined masks): background stays background; with K <= C the
+    Hungarian assignment of maximal total votes (one-to-one), with K > C each cluster's most voted
+    class (ties: lowest class id), and a cluster without any vote goes to background."""
+    votes = np.asarray(votes, dtype=np.int64)
+    if votes.ndim != 2 or votes.shape[0] == 0 or votes.shape[1] == 0:
+        raise ValueError(f"votes must be a non-empty (clusters, classes) matrix, got shape {votes.shape}")
+    k, c = votes.shape
+    mapping = np.zeros(k + 1, dtype=np.int64)
+    if k <= c:
+        mapping[1:] = hungarian(votes) + 1
+    else:
+        mapping[1:] = np.where(votes.sum(axis=1) > 0, votes.argmax(axis=1) + 1, 0)
+    return mapping
+
+
 def hungarian(score: np.ndarray) -> np.ndarray:
     """The column matched to each row by the assignment of maximal total ``score`` (-1: none)."""
     rows, cols = linear_sum_assignment(np.asarray(score, dtype=np.float64), maximize=True)

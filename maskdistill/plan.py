@@ -104,8 +104,18 @@ class Plan:
         return json.dumps(picked, sort_keys=True)
 
     @property
+    def mask_ap_split(self) -> str:
+        """The split whose detector predictions mask AP scores (``evaluation.mask_ap_split``)."""
+        return mask_ap_split(self.settings, self.source)
+
+    @property
+    def mask_ap_gt(self) -> str | None:
+        """The COCO instances file mask AP scores against (VOC's are written by rules/datasets.smk)."""
+        return self.source.gt_instances(self.mask_ap_split)
+
+    @property
     def mask_ap(self) -> bool:
-        return self.settings.evaluation.mask_ap and self.has_gt
+        return self.settings.evaluation.mask_ap and self.has_gt and bool(self.mask_ap_gt)
 
     @property
     def linear_probe(self) -> bool:
@@ -185,6 +195,9 @@ def make_plan(raw: dict[str, Any]) -> Plan:
     settings = build(Settings, config)
     source = dataset_source(settings.dataset)
     splits = split_keys(source)
+    ap_split = mask_ap_split(settings, source)  # checked even when mask AP is off
+    if settings.evaluation.mask_ap and ap_split in source.mask_ap_splits:
+        splits |= split_keys(source, (ap_split,))  # predicted on by the detector, never mined
     shards = tuple(f"{i:03d}" for i in range(settings.dataset.num_shards))
     plan = Plan(config, settings, source, splits, shards)
     labels = {split: getattr(settings.linear_probe, f"{split}_labels") or source.probe_labels(split)
@@ -201,7 +214,8 @@ def make_plan(raw: dict[str, Any]) -> Plan:
                 extra_splits=_kmeans_extras(settings, splits))
 
 
-def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
+def split_keys(source: DatasetSource, names: tuple[str, ...] | None = None
+               ) -> dict[str, list[tuple[str, str]]]:
     """Split -> sorted (key, image path) pairs, known before any rule runs.
 
     Under ``dataset.on_bad_image: fail`` a listed image that the planner can already see is
@@ -209,7 +223,7 @@ def split_keys(source: DatasetSource) -> dict[str, list[tuple[str, str]]]:
     under ``skip`` it stays listed, and mining skips it and names it in the input report.
     """
     out = {}
-    for split in source.splits:
+    for split in source.splits if names is None else names:
         out[split] = source.planned(split)
         if source.dataset.source != "demo" and source.dataset.on_bad_image == "fail":
             _refuse_unreadable(out[split], source.images_key(split))
@@ -248,6 +262,20 @@ def _kmeans_extras(settings: Settings, splits: dict[str, list[tuple[str, str]]]
 
 def _absolute(path: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def mask_ap_split(settings: Settings, source: DatasetSource) -> str:
+    """The split ``evaluation.mask_ap_split`` names (``eval``: the evaluated split), checked to be a
+    split of the source with ground-truth instances, or one it offers for mask AP alone."""
+    name = settings.evaluation.mask_ap_split
+    if name == "eval":
+        return source.evaluation_split
+    if name in source.mask_ap_splits or (name in source.splits and source.gt_instances(name)):
+        return name
+    offered = ["eval", *source.mask_ap_splits,
+               *(s for s in source.splits if s != source.evaluation_split and source.gt_instances(s))]
+    raise ValueError(f"config key 'evaluation.mask_ap_split': dataset.source {source.dataset.source} has no "
+                     f"split '{name}' with ground-truth instances (use one of {', '.join(offered)})")
 
 
 def _refuse_unreadable(pairs: list[tuple[str, str]], key: str) -> None:
@@ -332,6 +360,9 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("clustering", "fit_on"): ["train"],
                                           ("clustering", "extra_images"): [],
                                           ("precision",): "fp32",
+                                          ("evaluation", "mapping"): "pixels",
+                                          ("evaluation", "mask_ap_split"): "eval",
+                                          ("evaluation", "single_object"): "ours",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}
 

@@ -123,11 +123,20 @@ def write_examples_figure(
 # ---------------------------------------------------------------- tables
 
 
+MAPPING_COLUMNS = {"pixels": "mIoU (pixel matching)", "masks": "mIoU (mined-mask mapping)"}
+
+
 def stage_table(metrics: Mapping[str, Any], stages: Sequence[str]) -> pd.DataFrame:
-    """mIoU and pixel accuracy (%) of each stage, one row per stage (index ``stage``)."""
-    rows = [(metrics[s]["miou"], metrics[s]["pixel_accuracy"]) for s in stages]
-    return pd.DataFrame(rows, index=pd.Index(list(stages), name="stage"),
-                        columns=["mIoU", "pixel accuracy"], dtype=float)
+    """mIoU and pixel accuracy (%) of each stage, one row per stage (index ``stage``); with both
+    mappings of clusters to classes (``by_mapping``), the mIoU under each as well."""
+    columns = ["mIoU", "pixel accuracy"]
+    both = all("by_mapping" in metrics[s] for s in stages) and bool(stages)
+    if both:
+        columns += list(MAPPING_COLUMNS.values())
+    rows = [(metrics[s]["miou"], metrics[s]["pixel_accuracy"],
+             *((metrics[s]["by_mapping"][m]["miou"] for m in MAPPING_COLUMNS) if both else ()))
+            for s in stages]
+    return pd.DataFrame(rows, index=pd.Index(list(stages), name="stage"), columns=columns, dtype=float)
 
 
 def paper_class_columns(names: Sequence[str], paper: str | None) -> dict[str, tuple[float, ...]]:
@@ -233,10 +242,14 @@ def _linear_probe_lines(lp: Any) -> list[str]:
 def _mask_ap_lines(ap: Any) -> list[str]:
     if not isinstance(ap, dict):
         return []
+    single = ap.get("single")
+    rule = single.get("single_object", "ours") if isinstance(single, dict) else "ours"
+    skipped = ("images without a prediction skipped (the authors' rule)" if rule == "reference"
+               else "images without a prediction count as misses")
     lines = ["## Mask AP", "",
              "COCO mask AP (pycocotools `segm`, class-aware after Hungarian matching of clusters "
-             "to classes).", "", "| setting | AP | AP50 | AP75 | matched classes |",
-             "|---|---:|---:|---:|---:|"]
+             f"to classes) on {ap.get('ground_truth', 'the evaluated split')}; single object: {skipped}.",
+             "", "| setting | AP | AP50 | AP75 | matched classes |", "|---|---:|---:|---:|---:|"]
     for setting in ("multi", "single"):
         r = ap.get(setting)
         if isinstance(r, dict):
@@ -279,6 +292,12 @@ def report_markdown(metrics: Mapping[str, Any], stages: Sequence[str], notes: Se
         f" (criterion: {meta['mode']}); ignore label {IGNORE_LABEL} skipped. Values in %.",
         "",
     ]
+    if "mask_mapping" in meta:
+        mm = meta["mask_mapping"]
+        lines += [f"Primary mapping: **{meta.get('mapping', 'pixels')}**. The mined-mask mapping (the "
+                  f"authors'): {mm['num_voting']} of {mm['num_masks']} mined masks voted for the class "
+                  "of the ground-truth box they overlap most; one mapping for every stage, never used "
+                  "to train.", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += paper_comparison(metrics, meta.get("paper"))

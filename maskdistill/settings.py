@@ -216,6 +216,9 @@ class EvaluationSettings:
     diagnostics: bool
     crf: bool
     mask_ap: bool
+    mapping: str
+    mask_ap_split: str
+    single_object: str
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,18 @@ VOC = SETTINGS.dataset.voc
 COCO20K = SETTINGS.dataset.coco20k
 
 
-rule voc_instances:
+rule voc_instances:  # the evaluated split's, and the mask-AP split's (evaluation.mask_ap_split)
     input:
-        f"{VOC.root}/ImageSets/Segmentation/{VOC.val_split}.txt" if VOC.root else [],
+        lambda wc: f"{VOC.root}/ImageSets/Segmentation/{wc.voc_split}.txt" if VOC.root else [],
     output:
-        f"{RESULTS}/gt/voc_{VOC.val_split}.json",
+        f"{RESULTS}/gt/voc_{{voc_split}}.json",
+    wildcard_constraints:
+        voc_split="train|val|trainval",  # the lists with SegmentationObject ground truth
     params:
         root=VOC.root,
-        split=VOC.val_split,
+        split=lambda wc: wc.voc_split,
     log:
-        "logs/voc_instances.log",
+        "logs/voc_instances/{voc_split}.log",
     shell:
         "maskdistill voc-instances --root {params.root:q} --split {params.split} --out {output} > {log} 2>&1"
 

@@ -27,6 +27,8 @@ rule predict_detector:
         skipped=INPUT_REPORT,
     output:
         f"{RESULTS}/detector/predictions_{{split}}.json",
+    wildcard_constraints:
+        split="|".join(PLAN.splits),  # the mined splits, and the mask-AP split (never mined)
     params:
         cfg=cfg("detector"),
     log:

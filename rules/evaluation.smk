@@ -9,6 +9,7 @@ rule evaluate:
         gt=PLAN.gt_instances or [],
         skipped=INPUT_REPORT,
         mask_ap=f"{RESULTS}/mask_ap.json" if PLAN.mask_ap else [],
+        clusters=f"{RESULTS}/clusters/{EVAL_SPLIT}.json",  # the mined-mask mapping (evaluation.mapping)
         probe=f"{RESULTS}/linear_probe/metrics.json" if PLAN.linear_probe else [],
         quality=f"{RESULTS}/mask_quality.json" if PLAN.diagnostics else [],
         stage_figure=f"{RESULTS}/stages.png" if PLAN.diagnostics else [],
@@ -33,18 +34,20 @@ rule evaluate:
         "logs/evaluate.log",
     shell:
         "maskdistill evaluate --config {params.cfg:q} --split {params.split} {params.gt_semantic}"
-        " {params.preds}{params.extras} --skipped {input.skipped} --out-metrics {output.metrics}"
+        " {params.preds}{params.extras} --clusters {input.clusters} --skipped {input.skipped} --out-metrics {output.metrics}"
         " --out-report {output.report} --out-figure {output.figure} > {log} 2>&1"
 
 
-rule mask_ap:
+rule mask_ap:  # on evaluation.mask_ap_split (VOC seg_trainval: predicted on, never mined)
     input:
-        gt=PLAN.gt_instances or [],
-        predictions=f"{RESULTS}/detector/predictions_{EVAL_SPLIT}.json",
+        gt=PLAN.mask_ap_gt or [],
+        predictions=f"{RESULTS}/detector/predictions_{PLAN.mask_ap_split}.json",
     output:
         f"{RESULTS}/mask_ap.json",
+    params:
+        single_object=SETTINGS.evaluation.single_object,
     log:
         "logs/mask_ap.log",
     shell:
         "maskdistill mask-ap --gt {input.gt:q} --predictions {input.predictions}"
-        " --setting both --out {output} > {log} 2>&1"
+        " --setting both --single-object {params.single_object} --out {output} > {log} 2>&1"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_ground_truth import box_mask, voc_like_split
 
-from maskdistill.evaluation import evaluate, evaluate_stage
+from maskdistill.evaluation import evaluate, evaluate_stage, mask_mapping, mask_votes
 from maskdistill.paper import VOC_CLASSES_WITH_BACKGROUND
 from maskdistill.storage import encode_rle, write_json, write_label_png
 
@@ -126,3 +126,83 @@ def test_cli_evaluate_gt_semantic(tmp_path):
     assert main(["evaluate", "--config", cfg, "--gt-semantic", str(gt_dir), "--pred", f"s={pred}",
                  "--out-metrics", str(out / "m2.json"), "--out-report",
                  str(out / "r2.md"), "--out-figure", str(out / "f2.png")]) == 1
+
+
+# ---------------------------------------------------------------- the mined-mask mapping (authors')
+
+# image a: A (class 1) at x 0-10 and B (class 2) at x 8-20; image b: one class-2 object
+TOY_OBJECTS = {"a": [([0, 0, 10, 10], 1), ([8, 0, 20, 10], 2)], "b": [([0, 0, 6, 6], 2)]}
+TOY_MASKS = [("a", [9, 0, 20, 10], 1),  # box IoU 0.05 with A, 0.92 with B: votes class 2
+             ("b", [0, 0, 5, 5], 1),  # IoU 0.69 with b's object: class 2
+             ("a", [8, 0, 18, 10], 2),  # IoU 0.11 with A, 0.83 with B: class 2
+             ("b", [50, 50, 60, 60], 2)]  # overlaps nothing: no vote
+
+
+def test_mined_masks_vote_for_the_class_of_the_box_they_overlap_most():
+    from maskdistill.metrics import mapping_from_votes
+
+    votes = mask_votes(TOY_MASKS, TOY_OBJECTS, num_clusters=2, num_classes=2)
+    assert votes.tolist() == [[0, 2], [0, 1]]
+    assert mapping_from_votes(votes).tolist() == [0, 2, 1]  # K = C: Hungarian, one-to-one
+    over = mask_votes(TOY_MASKS, TOY_OBJECTS, num_clusters=3, num_classes=2)
+    assert mapping_from_votes(over).tolist() == [0, 2, 2, 0]  # K > C: majority; no votes: background
+    with pytest.raises(ValueError, match="cluster 3"):
+        mask_votes([("a", [0, 0, 1, 1], 3)], TOY_OBJECTS, num_clusters=2, num_classes=2)
+
+
+def _write_clusters(tmp_path: Path) -> Path:
+    """Mined masks of make_split's images (other image ids than the GT's: matched by file name):
+    a's mask on its person, b's and c's on their cat; cluster 2 = person, cluster 1 = cat."""
+    images = [{"id": i, "file_name": f"{k}.png", "height": h, "width": w, "key": k}
+              for i, (k, h, w) in enumerate([("a", 6, 8), ("b", 6, 8), ("sub/c", 5, 7)])]
+    boxes = [(0, [1, 1, 4, 3], 2), (1, [0, 0, 2, 2], 1), (2, [2, 2, 4, 3], 1)]  # x, y, w, h
+    anns = [{"id": i + 1, "image_id": im, "category_id": c, "bbox": b} for i, (im, b, c) in enumerate(boxes)]
+    write_json(tmp_path / "clusters.json", {"images": images, "annotations": anns, "categories": []})
+    return tmp_path / "clusters.json"
+
+
+def test_the_mined_mask_mapping_scores_every_stage_beside_the_pixel_one(tmp_path):
+    coco_path, root, gts = make_split(tmp_path)
+    clusters = _write_clusters(tmp_path)
+    assert mask_mapping(clusters, coco_path, 2)["mapping"] == [0, 2, 1]  # 1 -> cat, 2 -> person
+    pred = tmp_path / "pred"  # GT label ids as cluster ids: pixel matching is the identity
+    for key, gt in gts.items():
+        write_label_png(pred / f"{key}.png", np.where(gt == 255, 0, gt))
+    out = tmp_path / "out"
+    args = ({"s": pred}, coco_path, root, 3, out / "m.json", out / "r.md", out / "f.png", [])
+    metrics = evaluate(*args, max_figure_rows=1, mined=(clusters, coco_path))
+    # under the mined-mask mapping person and cat swap: both IoU 0, background 88 / 88
+    expected = {"pixels": {"miou": 100.0, "pixel_accuracy": 100.0},
+                "masks": {"miou": pytest.approx(100 / 3), "pixel_accuracy": pytest.approx(100 * 88 / 124)}}
+    assert metrics["s"]["by_mapping"] == expected
+    assert metrics["s"]["miou"] == 100.0 and metrics["meta"]["mapping"] == "pixels"
+    assert metrics["meta"]["mask_mapping"]["votes"] == [[0, 2], [1, 0]]
+    assert "| s | 100.0 | 100.0 | 100.0 | 33.3 |" in (out / "r.md").read_text()
+    primary = evaluate(*args, max_figure_rows=1, mapping="masks", mined=(clusters, coco_path))
+    assert primary["s"]["miou"] == pytest.approx(100 / 3) and primary["s"]["mapping"] == [0, 2, 1]
+    assert primary["s"]["per_class"] == {"background": 100.0, "person": 0.0, "cat": 0.0}
+    with pytest.raises(ValueError, match="evaluation.mapping: masks"):
+        evaluate(*args, mapping="masks")
+    with pytest.raises(ValueError, match=r"clusters\.json: mined mask of 'a' has cluster 2; clusters are 1"):
+        mask_mapping(clusters, coco_path, 1)  # a clusters file of another k
+
+
+def test_cli_evaluate_with_the_clusters_file_uses_the_configured_mapping(tmp_path):
+    from maskdistill.cli import main
+
+    coco_path, root, gts = make_split(tmp_path)
+    clusters = _write_clusters(tmp_path)
+    pred = tmp_path / "pred"
+    for key, gt in gts.items():
+        write_label_png(pred / f"{key}.png", np.where(gt == 255, 0, gt))
+    cfg = json.dumps({"device": "cpu", "clustering": {"num_clusters": 2},
+                      "dataset": {"source": "images", "train": {"images": str(root)},
+                                  "val": {"images": str(root), "annotations": str(coco_path)}},
+                      "evaluation": {"mapping": "masks", "figure_rows": 1}})
+    out = tmp_path / "out"
+    assert main(["evaluate", "--config", cfg, "--pred", f"s={pred}", "--clusters", str(clusters),
+                 "--out-metrics", str(out / "m.json"), "--out-report", str(out / "r.md"),
+                 "--out-figure", str(out / "f.png")]) == 0
+    m = json.loads((out / "m.json").read_text())
+    assert m["meta"]["mapping"] == "masks" and m["s"]["miou"] == pytest.approx(100 / 3)
+    assert m["s"]["by_mapping"]["pixels"]["miou"] == pytest.approx(100.0)

@@ -127,6 +127,29 @@ def test_single_object_setting_keeps_top_prediction_and_its_best_box_object(tmp_
     assert multi["AP"] == pytest.approx(100.0)  # cluster 2 -> cat, all three found
 
 
+def test_the_reference_single_object_rule_skips_images_without_a_prediction(tmp_path):
+    from maskdistill.mask_ap import mask_ap, mask_ap_report, select_single
+    from maskdistill.storage import read_json
+
+    gt = _write_gt(tmp_path)
+    preds = _write_preds(tmp_path, [_ann(0, 1, 1, GT_MASKS[1][0][1], 0.9)])  # image 1's cat; none on 2
+    ours = mask_ap(gt, preds, "single")
+    # ours: image 2 keeps its dog as a miss: cat AP 100, dog AP 0
+    assert (ours["AP"], ours["AP50"], ours["num_gt_objects"]) == (pytest.approx(50.0), pytest.approx(50.0), 2)
+    reference = mask_ap(gt, preds, "single", single_rule="reference")
+    # the reference skips image 2: no dog is left, only the cat is scored
+    assert (reference["AP"], reference["AP50"], reference["num_gt_objects"]) == (pytest.approx(100.0),
+                                                                                pytest.approx(100.0), 1)
+    assert reference["single_object"] == "reference" and reference["mapping"] == {"1": 3}
+    kept, _ = select_single(read_json(gt), [_ann(0, 1, 1, GT_MASKS[1][0][1], 0.9)], rule="reference")
+    assert [(a["image_id"], a["category_id"]) for a in kept["annotations"]] == [(1, 3)]
+    both = mask_ap_report(gt, preds, "reference")
+    assert both["single"]["AP"] == pytest.approx(100.0)
+    assert both["multi"]["AP"] == pytest.approx(50.0)  # multi is unchanged: cat 100, both dogs missed
+    with pytest.raises(ValueError, match="evaluation.single_object"):
+        mask_ap(gt, preds, "single", single_rule="authors")
+
+
 def test_mask_ap_reads_detector_output_by_file_name(tmp_path):
     from maskdistill.mask_ap import mask_ap
 
@@ -215,3 +238,17 @@ def test_mask_ap_streams_predictions_in_any_order_with_the_same_result(tmp_path)
                            setting, chunk_images=2)
         assert shuffled == grouped
         assert grouped["num_predictions"] == (len(preds) if setting == "multi" else 7)
+
+
+def test_cli_mask_ap_passes_the_single_object_rule(tmp_path):
+    from maskdistill.cli import main
+    from maskdistill.storage import read_json
+
+    gt = _write_gt(tmp_path)
+    preds = _write_preds(tmp_path, [_ann(0, 1, 1, GT_MASKS[1][0][1], 0.9)])
+    for rule, single_ap in (("reference", 100.0), ("ours", 50.0)):
+        out = tmp_path / f"{rule}.json"
+        assert main(["mask-ap", "--gt", str(gt), "--predictions", str(preds), "--single-object", rule,
+                     "--out", str(out)]) == 0
+        single = read_json(out)["single"]
+        assert single["AP"] == pytest.approx(single_ap) and single["single_object"] == rule

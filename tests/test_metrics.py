@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from maskdistill.metrics import confusion_matrix, match_clusters, miou_after_matching
+from maskdistill.metrics import confusion_matrix, mapping_from_votes, match_clusters, miou_after_matching
 
 # ---------------------------------------------------------------- confusion
 
@@ -137,3 +137,19 @@ def test_majority_vote_with_more_clusters_than_classes_by_hand():
     assert m["per_class"]["background"] == pytest.approx(65.0)
     assert m["per_class"]["thing"] == pytest.approx(100 * 11 / 18)
     assert m["pixel_accuracy"] == pytest.approx(100 * 24 / 31)
+
+
+# ---------------------------------------------------------------- the mapping from mined-mask votes
+
+
+def test_votes_map_clusters_by_hungarian_when_k_equals_c_and_by_majority_above():
+    # cluster 1 votes twice for class 2, cluster 2 once for each: one-to-one sends cluster 1 to
+    # class 2 and cluster 2 to class 1 (2 + 1 votes beat 0 + 1)
+    votes = np.array([[0, 2], [1, 1]])
+    assert mapping_from_votes(votes).tolist() == [0, 2, 1]
+    # a third cluster (K = 3 > C = 2) without votes goes to background; ties go to the lower class
+    over = np.array([[0, 2], [1, 1], [0, 0]])
+    assert mapping_from_votes(over).tolist() == [0, 2, 1, 0]
+    assert mapping_from_votes(np.array([[0, 2], [0, 1], [3, 0]])).tolist() == [0, 2, 2, 1]
+    with pytest.raises(ValueError, match="votes"):
+        mapping_from_votes(np.zeros((0, 2)))

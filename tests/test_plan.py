@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_datasets import VOC_TRAIN, make_coco, make_voc
+from test_datasets import VOC_TRAIN, VOC_VAL, make_coco, make_voc
 
 from maskdistill.config import validate_config
 from maskdistill.plan import FEATURE_KEYS, make_plan, rule_config
@@ -153,6 +153,40 @@ def test_voc_is_evaluated_on_val_with_its_label_pngs(tmp_path):
     assert plan.gt_semantic == str(voc / "SegmentationClass")
     assert plan.probe_labels == {"train": str(voc / "SegmentationClassAug"),
                                  "val": str(voc / "SegmentationClass")}
+
+
+def test_voc_mask_ap_on_the_segmentation_trainval_set_plans_its_images_for_prediction_only(tmp_path):
+    voc = make_voc(tmp_path)
+    dataset = {"source": "voc", "voc": {"root": str(voc), "train_split": "train"}}
+    default = make_plan({"dataset": dataset})
+    assert (default.mask_ap_split, default.mask_ap_gt) == ("val", "results/gt/voc_val.json")
+    assert list(default.splits) == ["train", "val"]
+    plan = make_plan({"dataset": dataset, "evaluation": {"mask_ap_split": "seg_trainval"}})
+    assert plan.mask_ap and plan.mask_ap_split == "seg_trainval"
+    assert plan.mask_ap_gt == "results/gt/voc_trainval.json"  # rules/datasets.smk writes it
+    assert [k for k, _ in plan.splits["seg_trainval"]] == sorted(VOC_TRAIN + VOC_VAL)
+    assert plan.gt_instances == "results/gt/voc_val.json"  # mIoU stays on val
+    assert "results/segmentation/predictions/seg_trainval" not in plan.targets()  # not mined
+    off = make_plan({"dataset": dataset, "evaluation": {"mask_ap": False, "mask_ap_split": "seg_trainval"}})
+    assert "seg_trainval" not in off.splits
+
+
+def test_a_mask_ap_split_the_source_lacks_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"'evaluation.mask_ap_split'.*demo has no split 'seg_trainval'"):
+        make_plan({"evaluation": {"mask_ap_split": "seg_trainval"}})
+    with pytest.raises(ValueError, match=r"'evaluation.mask_ap_split'.*'train'.*use one of eval\)$"):
+        make_plan({"evaluation": {"mask_ap_split": "train"}})  # the demo's train split has no GT
+
+
+def test_the_evaluation_keys_added_later_rerun_nothing_at_today_s_values():
+    before = validate_config({})
+    for key in ("mapping", "mask_ap_split", "single_object"):
+        before["evaluation"].pop(key)
+    now = validate_config({})
+    assert rule_config(now, "evaluation") == rule_config(before, "evaluation")
+    masks = copy.deepcopy(now)
+    masks["evaluation"]["mapping"] = "masks"
+    assert json.loads(rule_config(masks, "evaluation"))["evaluation"]["mapping"] == "masks"
 
 
 def test_coco20k_is_one_split_evaluated_on_itself(tmp_path):
