@@ -276,6 +276,13 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("mining", "seed_from"): "affinity",
                                           ("clustering", "decode_threads"): 1,
                                           ("precision",): "fp32",
+                                          ("segmentation", "hard_pixel_count"): "valid",
+                                          ("segmentation", "transform"): "crop",
+                                          ("crf", "unary"): "labels",
+                                          ("crf", "channel_order"): "rgb",
+                                          ("linear_probe", "rotation_degrees"): 0,
+                                          ("linear_probe", "transform"): "crop",
+                                          ("linear_probe", "head_init"): "default",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}
 
