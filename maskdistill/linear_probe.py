@@ -110,6 +110,14 @@ def _check_labels(records: Sequence[ImageRecord], labels_dir: Path, split: str) 
                                 f"label map in {labels_dir}, e.g. '{missing[0]}.png'")
 
 
+def probe_dataset(records: list[ImageRecord], labels_dir: Path,
+                  s: LinearProbeSettings) -> SegmentationDataset:
+    """The probe's training images, augmented as ``s`` says (transform, crop_size, scale_range,
+    rotation_degrees, seed)."""
+    return SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range, s.rotation_degrees,
+                               s.seed, check_transform(s.transform, "linear_probe.transform"))
+
+
 def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], labels_dir: Path,
                        checkpoint_dir: Path, out_model: Path, s: LinearProbeSettings, num_classes: int,
                        device: torch.device, precision: str = "fp32") -> None:
@@ -129,8 +137,7 @@ def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], lab
                                 weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s.lr_drop_epochs),
                                                      gamma=0.1)
-    dataset = SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range, s.rotation_degrees,
-                                  s.seed, check_transform(s.transform, "linear_probe.transform"))
+    dataset = probe_dataset(records, labels_dir, s)
 
     def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)

@@ -511,6 +511,7 @@ def write_logits(path: Path, low: Tensor, input_hw: tuple[int, int]) -> None:
     """Store an image's low-resolution logits (C, h', w') as float16 with the model's input size
     (what they were upsampled to): ``np.savez`` arrays ``logits`` and ``input_hw``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # keys may name sub-folders
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, logits=low[0].to(torch.float16).cpu().numpy(), input_hw=np.asarray(input_hw, np.int64))
     tmp.replace(path)
