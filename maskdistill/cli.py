@@ -375,20 +375,25 @@ def cmd_train_segmentation(a: argparse.Namespace, s: Settings) -> None:
 
 
 @command("predict-segmentation", "segment a split -> label PNGs",
-         arg("--model", required=True), SPLIT, SKIPPED, OUT)
+         arg("--model", required=True), SPLIT, SKIPPED, OUT,
+         arg("--logits", help="also write each image's low-resolution logits <key>.npz here (crf.unary: "
+                              "probabilities)"))
 def cmd_predict_segmentation(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.segmentation import predict_segmentation
 
     predict_segmentation(Path(a.model), _records(s, a.split, a.skipped), Path(a.out), _device(s),
-                         s.segmentation.test_short_side, precision=s.precision)
+                         s.segmentation.test_short_side, precision=s.precision,
+                         logits_dir=Path(a.logits) if a.logits else None)
 
 
 @command("crf-refine", "dense-CRF-refine a split's label PNGs (settings: crf)", SPLIT,
-         arg("--labels", required=True, help="folder of label PNGs <key>.png"), SKIPPED, OUT)
+         arg("--labels", required=True, help="folder of label PNGs <key>.png"), SKIPPED, OUT,
+         arg("--logits", help="folder of the predictions' logits <key>.npz (crf.unary: probabilities)"))
 def cmd_crf_refine(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.crf import refine_folder
 
-    n = refine_folder(_records(s, a.split, a.skipped), Path(a.labels), Path(a.out), s.crf)
+    n = refine_folder(_records(s, a.split, a.skipped), Path(a.labels), Path(a.out), s.crf,
+                      Path(a.logits) if a.logits else None)
     log.info("CRF-refined %d label maps of %s into %s", n, a.labels, a.out)
 
 

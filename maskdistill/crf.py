@@ -2,9 +2,14 @@
 
 The paper's settings: 10 mean-field iterations, a Gaussian (smoothness) kernel with sxy 1 and
 compatibility 3, and a bilateral (appearance) kernel with sxy 67, srgb 3 and compatibility 4.
-A hard label map becomes probabilities by giving its label ``label_confidence`` and sharing the
-rest among the other labels present in the image (pixels labelled 255 get a uniform distribution);
-the CRF then chooses among the labels present in the image.
+``unary`` says where the CRF starts. labels: a hard label map becomes probabilities by giving its
+label ``label_confidence`` and sharing the rest among the other labels present in the image (pixels
+labelled 255 get a uniform distribution); the CRF then chooses among the labels present in the
+image. probabilities (the authors' code): the model's low-resolution logits, upsampled bilinearly to
+the model's input size and then to the image size, softmax, unary -log(p) (p clipped at 1e-5, as
+pydensecrf's ``unary_from_softmax``); the CRF chooses among all classes. ``channel_order`` bgr feeds
+the appearance kernel the image in OpenCV's order, as the authors' code does: the permutohedral
+lattice is not symmetric in its feature dimensions, so the order changes the result.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from maskdistill.images import ImageRecord, read_rgb
 from maskdistill.settings import CrfSettings, section_settings
@@ -52,11 +59,43 @@ def probabilities_from_labels(labels: np.ndarray, num_labels: int, confidence: f
     return probs
 
 
-def refine_probabilities(image: np.ndarray, probs: np.ndarray, s: CrfSettings | None = None
-                         ) -> np.ndarray:
+UNARIES = ("labels", "probabilities")
+CHANNEL_ORDERS = ("rgb", "bgr")
+SOFTMAX_CLIP = 1e-5  # pydensecrf's unary_from_softmax default, which the authors' code uses
+
+
+def _check(s: CrfSettings) -> CrfSettings:
+    if s.unary not in UNARIES:
+        raise ValueError(f"config key 'crf.unary': {s.unary!r} is not one of {list(UNARIES)}")
+    if s.channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"config key 'crf.channel_order': {s.channel_order!r} is not one of "
+                         f"{list(CHANNEL_ORDERS)}")
+    return s
+
+
+def probabilities_from_logits(logits: np.ndarray | torch.Tensor, input_hw: tuple[int, int],
+                              image_hw: tuple[int, int]) -> np.ndarray:
+    """float32 softmax probabilities (C, H, W) at ``image_hw`` of logits (C, h, w).
+
+    The logits are upsampled bilinearly (align_corners False) to ``input_hw``, the size the model
+    saw (what its forward does), then to the image size (what the authors' CRF does), then softmax.
+    """
+    t = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits).float()
+    if t.ndim != 3:
+        raise ValueError(f"expected logits (C, h, w), got shape {tuple(t.shape)}")
+    t = t[None]
+    for hw in (tuple(input_hw), tuple(image_hw)):
+        if tuple(t.shape[-2:]) != hw:
+            t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)
+    return torch.softmax(t[0], dim=0).numpy()
+
+
+def refine_probabilities(image: np.ndarray, probs: np.ndarray, s: CrfSettings | None = None,
+                         clip: float = 1e-8) -> np.ndarray:
     """Mean-field dense CRF over ``probs`` (C, H, W) for an RGB uint8 ``image``; returns (C, H, W).
 
-    ``s``: kernel settings and iterations (None: the paper's, :func:`default_settings`).
+    ``s``: kernel settings, iterations and channel order (None: the paper's,
+    :func:`default_settings`); unary -log(max(p, ``clip``)).
     """
     s = s or default_settings()
     image = np.asarray(image)
@@ -65,10 +104,12 @@ def refine_probabilities(image: np.ndarray, probs: np.ndarray, s: CrfSettings | 
         raise ValueError(f"CRF image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
         raise ValueError(f"CRF probabilities {probs.shape} do not match image {image.shape[:2]}")
+    if _check(s).channel_order == "bgr":
+        image = image[:, :, ::-1]
     c, h, w = probs.shape
     dcrf = _densecrf()
     crf = dcrf.DenseCRF2D(w, h, c)
-    unary = -np.log(np.clip(probs, 1e-8, 1.0)).reshape(c, -1)
+    unary = -np.log(np.clip(probs, clip, 1.0)).reshape(c, -1)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=s.gaussian_sxy, compat=s.gaussian_compat)
     crf.addPairwiseBilateral(sxy=s.bilateral_sxy, srgb=s.bilateral_srgb,
@@ -101,11 +142,49 @@ def refine_labels(image: np.ndarray, labels_or_probs: np.ndarray,
     return present[refined].astype(np.uint8)
 
 
-def refine_folder(records: list[ImageRecord], labels_dir: Path, out_dir: Path, s: CrfSettings) -> int:
-    """Write ``out_dir/<key>.png``: the CRF-refined ``labels_dir/<key>.png`` of every record.
+def refine_softmax(image: np.ndarray, probs: np.ndarray, s: CrfSettings | None = None) -> np.ndarray:
+    """uint8 label map (H, W): the CRF over a model's softmax ``probs`` (C, H, W), every class a
+    candidate, unary clipped as pydensecrf's ``unary_from_softmax`` (the authors' route)."""
+    return refine_probabilities(image, probs, s, clip=SOFTMAX_CLIP).argmax(0).astype(np.uint8)
+
+
+def read_logits(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """Low-resolution logits (C, h, w) and the model input size stored by
+    :func:`maskdistill.segmentation.write_logits`; a clear error for a missing or damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"logits for the CRF not found: {path} (crf.unary: probabilities needs the "
+                                "prediction rule's logits)")
+    try:
+        with np.load(path) as data:
+            logits, input_hw = data["logits"], data["input_hw"]
+    except Exception as err:  # numpy raises several types for damaged files
+        raise ValueError(f"{path}: unreadable logits ({err}); delete it and rerun the prediction") from err
+    return logits, (int(input_hw[0]), int(input_hw[1]))
+
+
+def refine_image(rgb: np.ndarray, labels: np.ndarray, s: CrfSettings,
+                 logits: tuple[np.ndarray, tuple[int, int]] | None = None) -> np.ndarray:
+    """The CRF-refined uint8 label map of one image as ``s.unary`` says: from the hard ``labels``
+    (:func:`refine_labels`), or from ``logits`` ((C, h, w), model input size), see
+    :func:`probabilities_from_logits` and :func:`refine_softmax`."""
+    if _check(s).unary == "labels":
+        return refine_labels(rgb, labels, s)
+    if logits is None:
+        raise ValueError("config key 'crf.unary' is 'probabilities' but no logits were given")
+    return refine_softmax(rgb, probabilities_from_logits(logits[0], logits[1], rgb.shape[:2]), s)
+
+
+def refine_folder(records: list[ImageRecord], labels_dir: Path, out_dir: Path, s: CrfSettings,
+                  logits_dir: Path | None = None) -> int:
+    """Write ``out_dir/<key>.png``: the CRF-refined ``labels_dir/<key>.png`` of every record, or with
+    ``crf.unary`` probabilities the CRF over the softmax of ``logits_dir/<key>.npz``.
 
     Returns the number of label maps written.
     """
+    if _check(s).unary == "probabilities" and logits_dir is None:
+        raise ValueError("config key 'crf.unary' is 'probabilities': the CRF needs the predictions' "
+                         "logits folder (--logits)")
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for rec in progress(records, total=len(records), desc="CRF refinement"):
@@ -115,5 +194,9 @@ def refine_folder(records: list[ImageRecord], labels_dir: Path, out_dir: Path, s
         if labels.shape != rgb.shape[:2]:
             raise ValueError(f"{src}: label size {labels.shape} differs from image {rec.path} "
                              f"size {rgb.shape[:2]}")
-        write_label_png(out_dir / f"{rec.key}.png", refine_labels(rgb, labels, s))
+        logits = None
+        if s.unary == "probabilities":
+            assert logits_dir is not None
+            logits = read_logits(Path(logits_dir) / f"{rec.key}.npz")
+        write_label_png(out_dir / f"{rec.key}.png", refine_image(rgb, labels, s, logits))
     return len(records)

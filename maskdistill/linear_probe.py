@@ -2,9 +2,12 @@
 
 The trained DeepLab-v3 is frozen as a whole (weights and BatchNorm statistics, eval mode); its last
 1x1 convolution (cluster logits) is replaced by a new 1x1 convolution from the decoder's features
-to the ground-truth classes, and only that layer is trained: SGD, cross-entropy with ignore 255,
-the paper's schedule (60 epochs, lr 0.1 x0.1 at epoch 25, batch 16). Evaluated by the standard mIoU
-on the val split (the classifier predicts ground-truth classes: no matching).
+to the ground-truth classes (``head_init`` normal: weights N(0, 0.01), bias 0, as the authors), and
+only that layer is trained: SGD, cross-entropy over the valid pixels with ignore 255 (the shared
+:func:`~maskdistill.segmentation.hard_pixel_cross_entropy` keeping every pixel), the paper's
+schedule (60 epochs, lr 0.1 x0.1 at epoch 25, batch 16), augmented as ``transform`` says (reference:
+whole images resized to crop_size, predicted at that size). Evaluated by the standard mIoU on the
+val split (the classifier predicts ground-truth classes: no matching).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,21 +27,44 @@ from maskdistill.images import ImageRecord, read_rgb
 from maskdistill.metrics import confusion_matrix, miou_after_matching
 from maskdistill.segmentation import (
     SegmentationDataset,
+    check_transform,
+    fixed_side,
+    hard_pixel_cross_entropy,
     load_segmentation_model,
     mixed_precision,
-    predict_label_map,
+    predict_logits,
 )
-from maskdistill.settings import CrfSettings, LinearProbeSettings, as_config
+from maskdistill.settings import CrfSettings, LinearProbeSettings, as_config, stored_settings
 from maskdistill.storage import IGNORE_LABEL, read_label_png
 from maskdistill.training import Losses, TrainingRun, fit, load_model, progress, save_model, seed_everything
 
 log = logging.getLogger("maskdistill")
+HEAD_INITS = ("default", "normal")
+
+
+def init_head(conv: nn.Conv2d, head_init: str) -> nn.Conv2d:
+    """Initialise the probe's new classifier in place: default = PyTorch's Conv2d init (as
+    constructed); normal = weights N(0, 0.01) and bias 0 (the authors' probe)."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"config key 'linear_probe.head_init': {head_init!r} is not one of "
+                         f"{list(HEAD_INITS)}")
+    if head_init == "normal":
+        with torch.no_grad():
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+    return conv
 
 
 class LinearProbe(nn.Module):
-    """A frozen segmentation model whose final 1x1 conv is replaced by a trainable one."""
+    """A frozen segmentation model whose final 1x1 conv is replaced by a trainable one.
 
-    def __init__(self, model: nn.Module, num_classes: int):
+    ``head_init``: see :func:`init_head`; ``test_side``: the square side it predicts at (None: the
+    image's own size), see :func:`maskdistill.segmentation.fixed_side`.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, head_init: str = "default",
+                 test_side: int | None = None):
         super().__init__()
         head = model.classifier
         last = head[-1]
@@ -47,10 +72,11 @@ class LinearProbe(nn.Module):
             raise TypeError(f"expected the segmentation head to end in a 1x1 conv, got {last}")
         for p in model.parameters():
             p.requires_grad_(False)
-        head[-1] = nn.Conv2d(last.in_channels, num_classes, kernel_size=1)
+        head[-1] = init_head(nn.Conv2d(last.in_channels, num_classes, kernel_size=1), head_init)
         self.model = model
         self.classifier = head[-1]
         self.num_classes = num_classes
+        self.test_side = test_side
         self.train(False)
 
     def train(self, mode: bool = True) -> LinearProbe:
@@ -63,10 +89,16 @@ class LinearProbe(nn.Module):
         return self.model(x)
 
 
-def build_probe(segmentation_model: Path, num_classes: int, device: torch.device) -> LinearProbe:
-    """The probe around a trained model from :func:`maskdistill.segmentation.train_segmentation`."""
+def build_probe(segmentation_model: Path, num_classes: int, device: torch.device,
+                s: LinearProbeSettings | None = None) -> LinearProbe:
+    """The probe around a trained model from :func:`maskdistill.segmentation.train_segmentation`,
+    its head initialised and its test size set as ``s`` says (None: default init, native size)."""
     model, _ = load_segmentation_model(Path(segmentation_model), torch.device("cpu"))
-    return LinearProbe(model, num_classes).to(device)
+    head_init, side = "default", None
+    if s is not None:
+        head_init = s.head_init
+        side = fixed_side(check_transform(s.transform, "linear_probe.transform"), s.crop_size)
+    return LinearProbe(model, num_classes, head_init, side).to(device)
 
 
 def _check_labels(records: Sequence[ImageRecord], labels_dir: Path, split: str) -> None:
@@ -76,6 +108,14 @@ def _check_labels(records: Sequence[ImageRecord], labels_dir: Path, split: str) 
     if missing:
         raise FileNotFoundError(f"linear probe: {len(missing)} {split} images have no ground-truth "
                                 f"label map in {labels_dir}, e.g. '{missing[0]}.png'")
+
+
+def probe_dataset(records: list[ImageRecord], labels_dir: Path,
+                  s: LinearProbeSettings) -> SegmentationDataset:
+    """The probe's training images, augmented as ``s`` says (transform, crop_size, scale_range,
+    rotation_degrees, seed)."""
+    return SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range, s.rotation_degrees,
+                               s.seed, check_transform(s.transform, "linear_probe.transform"))
 
 
 def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], labels_dir: Path,
@@ -92,12 +132,12 @@ def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], lab
     distributed.check_batch_size(batch_size, "linear_probe.batch_size")
     shared = distributed.world().distributed
     seed_everything(s.seed)
-    probe = build_probe(segmentation_model, num_classes, device)
+    probe = build_probe(segmentation_model, num_classes, device, s)
     optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=s.lr, momentum=s.momentum,
                                 weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s.lr_drop_epochs),
                                                      gamma=0.1)
-    dataset = SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range, 0.0, s.seed)
+    dataset = probe_dataset(records, labels_dir, s)
 
     def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
@@ -108,16 +148,13 @@ def train_linear_probe(segmentation_model: Path, records: list[ImageRecord], lab
 
     def loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _step: int) -> Losses | None:
         images, labels = (t.to(device) for t in batch)
-        if shared:  # mean over the valid pixels of the whole batch: this process's part of it
-            valid = distributed.all_sum((labels != IGNORE_LABEL).sum())
-            if valid.item() == 0:
-                return None  # every process sees the same count, and passes over the batch
-            value = F.cross_entropy(net(images)["out"], labels, ignore_index=IGNORE_LABEL,
-                                    reduction="sum") / valid
-            return value, {"loss": value.item()}
-        if (labels == IGNORE_LABEL).all():
+        valid = (labels != IGNORE_LABEL).sum()
+        if shared:  # every process sees the same count of the whole batch
+            valid = distributed.all_sum(valid)
+        if valid.item() == 0:
             return None  # a batch of ignored pixels only: nothing to learn, no step
-        value = F.cross_entropy(net(images)["out"], labels, ignore_index=IGNORE_LABEL)
+        # mean over the valid pixels of the whole batch (with several processes, this one's part)
+        value = hard_pixel_cross_entropy(net(images)["out"], labels, fraction=1.0)
         return value, {"loss": value.item()}
 
     # only the classifier is trained and checkpointed; the frozen model stays in eval mode
@@ -137,7 +174,8 @@ def load_probe(probe_path: Path, segmentation_model: Path, device: torch.device,
                precision: str = "fp32") -> LinearProbe:
     """A trained probe (eval mode, for inference in ``precision``) from :func:`train_linear_probe`."""
     state = load_model(probe_path, "linear probe", "num_classes")
-    probe = build_probe(segmentation_model, state["num_classes"], device)
+    settings = stored_settings("linear_probe", state.get("cfg", {}))
+    probe = build_probe(segmentation_model, state["num_classes"], device, settings)
     probe.classifier.load_state_dict(state["state_dict"])
     return mixed_precision(probe.eval(), device, precision)
 
@@ -161,12 +199,14 @@ def evaluate_probe(probe: LinearProbe, records: list[ImageRecord], labels_dir: P
         rgb = read_rgb(rec.path)
         if gt.shape != rgb.shape[:2]:
             raise ValueError(f"{labels_dir}/{rec.key}.png: size {gt.shape} differs from {rec.path}")
-        pred = predict_label_map(probe, rgb, device, short_side)
+        pred, logits, _ = predict_logits(probe, rgb, device, short_side)
         conf += confusion_matrix(pred, gt, n, n)
         if crf is not None:
-            from maskdistill.crf import refine_labels
+            from maskdistill.crf import refine_image
 
-            conf_crf += confusion_matrix(refine_labels(rgb, pred, crf), gt, n, n)
+            hw = tuple(logits.shape[-2:])
+            refined = refine_image(rgb, pred, crf, (logits[0].cpu().numpy(), hw))
+            conf_crf += confusion_matrix(refined, gt, n, n)
     identity = np.arange(n)
     result = miou_after_matching(conf, identity, class_names)
     result.pop("mapping")

@@ -363,6 +363,13 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("evaluation", "mapping"): "pixels",
                                           ("evaluation", "mask_ap_split"): "eval",
                                           ("evaluation", "single_object"): "ours",
+                                          ("segmentation", "hard_pixel_count"): "valid",
+                                          ("segmentation", "transform"): "crop",
+                                          ("crf", "unary"): "labels",
+                                          ("crf", "channel_order"): "rgb",
+                                          ("linear_probe", "rotation_degrees"): 0,
+                                          ("linear_probe", "transform"): "crop",
+                                          ("linear_probe", "head_init"): "default",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}
 

@@ -9,10 +9,11 @@ For a list of images (any size or mode, see :func:`maskdistill.images.read_rgb`)
     areas.md              total area per class over all images (class, images, pixels, fraction)
     input_report.{json,md,csv}   the images read and those skipped (split ``segment``)
 
-Images are resized so their shorter side is ``short_side`` and batched by equal resized shape; the
-logits of each image are upsampled to its own original size, so an image's labels do not depend on
-the batch it was in. :func:`matched_class_names` names the model's labels after the ground-truth
-classes an evaluation matched them to.
+Images are resized so their shorter side is ``short_side`` (a model trained with the reference
+transform: to its ``test_side`` square) and batched by equal resized shape; the logits of each image
+are upsampled to its own original size (reference: its argmax resized with nearest), so an image's
+labels do not depend on the batch it was in. :func:`matched_class_names` names the model's labels
+after the ground-truth classes an evaluation matched them to.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -38,12 +38,16 @@ from maskdistill.images import (
     ImageReadError,
     ImageRecord,
     read_rgb,
-    resized_hw,
-    to_tensor,
 )
 from maskdistill.input_report import write_input_report
 from maskdistill.report import colourise
-from maskdistill.segmentation import load_segmentation_model, mixed_precision
+from maskdistill.segmentation import (
+    input_size,
+    labels_at_image_size,
+    load_segmentation_model,
+    mixed_precision,
+    model_input,
+)
 from maskdistill.storage import atomic_path, read_json, write_label_png
 from maskdistill.training import progress
 
@@ -110,9 +114,10 @@ def matched_class_names(metrics_json: Path, stage: str, num_labels: int) -> list
 # ---------------------------------------------------------------- batching
 
 
-def input_hw(image_hw: tuple[int, int], short_side: int | None) -> tuple[int, int]:
-    """The size an image of ``image_hw`` enters the model at: shorter side ``short_side``, or as is."""
-    return resized_hw(image_hw[0], image_hw[1], short_side) if short_side else tuple(image_hw)
+def input_hw(image_hw: tuple[int, int], short_side: int | None, side: int | None = None) -> tuple[int, int]:
+    """The size an image of ``image_hw`` enters the model at: ``side`` x ``side`` (a model's
+    ``test_side``), else shorter side ``short_side``, else as is."""
+    return input_size(image_hw[0], image_hw[1], short_side, side)
 
 
 def header_hw(path: Path) -> tuple[int, int] | None:
@@ -131,14 +136,14 @@ def header_hw(path: Path) -> tuple[int, int] | None:
 
 
 def plan_batches(records: Sequence[ImageRecord], short_side: int | None,
-                 batch_size: int) -> list[list[ImageRecord]]:
+                 batch_size: int, side: int | None = None) -> list[list[ImageRecord]]:
     """Records sorted by input size (from the headers; unreadable ones first, alone) and cut into
     runs of one size, at most ``batch_size`` each."""
     sizes = {r.key: header_hw(r.path) for r in records}
 
     def shape(r: ImageRecord) -> tuple[int, int]:
         hw = sizes[r.key]
-        return (0, 0) if hw is None else input_hw(hw, short_side)
+        return (0, 0) if hw is None else input_hw(hw, short_side, side)
 
     batches: list[list[ImageRecord]] = []
     ordered = sorted(records, key=lambda r: (sizes[r.key] is not None, shape(r), r.key))
@@ -182,11 +187,12 @@ def decoded_batches(batches: Sequence[Sequence[ImageRecord]],
         yield current
 
 
-def same_shape_runs(items: Sequence[Decoded], short_side: int | None) -> list[list[Decoded]]:
+def same_shape_runs(items: Sequence[Decoded], short_side: int | None,
+                    side: int | None = None) -> list[list[Decoded]]:
     """Decoded images (all readable) split into runs of equal input size, in order (a header that
     disagreed with the decoded image splits its planned batch)."""
     def shape(d: Decoded) -> tuple[int, int]:
-        return input_hw(d.rgb.shape[:2], short_side)
+        return input_hw(d.rgb.shape[:2], short_side, side)
 
     return [list(run) for _, run in groupby(items, key=shape)]
 
@@ -198,17 +204,13 @@ def same_shape_runs(items: Sequence[Decoded], short_side: int | None) -> list[li
 def predict_batch(model: nn.Module, rgbs: Sequence[np.ndarray], device: torch.device,
                   short_side: int | None) -> list[np.ndarray]:
     """uint8 label maps (H, W) of RGB images of one input size, at each image's original size: one
-    forward pass, then each image's logits upsampled (bilinear) to its size and argmaxed alone."""
-    size = input_hw(rgbs[0].shape[:2], short_side)
-    x = torch.stack([to_tensor(rgb, size) for rgb in rgbs]).to(device)
-    logits = model(x)["out"]
-    out = []
-    for i, rgb in enumerate(rgbs):
-        one = logits[i:i + 1]
-        if one.shape[-2:] != rgb.shape[:2]:
-            one = F.interpolate(one, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-        out.append(one[0].argmax(0).to(torch.uint8).cpu().numpy())
-    return out
+    forward pass, then each image's logits upsampled (bilinear) to its size and argmaxed alone (a
+    model with a ``test_side``: argmax, then nearest resize)."""
+    side = getattr(model, "test_side", None)
+    size = input_hw(rgbs[0].shape[:2], short_side, side)
+    x = torch.cat([model_input(rgb, size, side) for rgb in rgbs]).to(device)
+    logits = model(x)["out"].float()
+    return [labels_at_image_size(logits[i:i + 1], rgb.shape[:2], side) for i, rgb in enumerate(rgbs)]
 
 
 # ---------------------------------------------------------------- per-image outputs
@@ -340,7 +342,8 @@ def segment_images(model_path: Path, records: list[ImageRecord], out_dir: Path, 
     names = checked_class_names(class_names, num_classes, Path(model_path))
     for r in records:
         output_path(out_dir, "labels", r.key, ".png")  # refuse unusable keys before any work
-    batches = plan_batches(records, short_side, batch_size)
+    side = getattr(model, "test_side", None)
+    batches = plan_batches(records, short_side, batch_size, side)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     done = 0
@@ -348,7 +351,7 @@ def segment_images(model_path: Path, records: list[ImageRecord], out_dir: Path, 
         for batch in progress(decoded_batches(batches, pool), total=len(batches), desc="segmenting",
                               unit="batch"):
             skipped += [skipped_entry(d, on_bad_image) for d in batch if d.rgb is None]
-            for run in same_shape_runs([d for d in batch if d.rgb is not None], short_side):
+            for run in same_shape_runs([d for d in batch if d.rgb is not None], short_side, side):
                 labels = predict_batch(model, [d.rgb for d in run], device, short_side)
                 for d, lab in zip(run, labels, strict=True):
                     write_label_png(output_path(out_dir, "labels", d.record.key, ".png"), lab)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,35 +46,62 @@ STAGES = {1: ("conv1", "bn1", "layer1"), 2: ("layer2",), 3: ("layer3",), 4: ("la
 
 # ---------------------------------------------------------------- loss
 
+HARD_PIXEL_COUNTS = ("valid", "batch")
+
+
+def hard_pixel_count(n_valid: int, n_pixels: int, fraction: float, count: str = "valid") -> int:
+    """How many of a batch's pixels the hard-pixel loss keeps.
+
+    ``count`` valid: ``max(1, int(fraction * n_valid))``; batch (the authors' loss):
+    ``min(int(fraction * n_pixels), n_valid)``, ``n_pixels`` counting ignored pixels too. Never more
+    than ``n_valid`` (0 when no pixel is valid).
+    """
+    if count not in HARD_PIXEL_COUNTS:
+        raise ValueError(f"config key 'segmentation.hard_pixel_count': {count!r} is not one of "
+                         f"{list(HARD_PIXEL_COUNTS)}")
+    if n_valid == 0:
+        return 0
+    if count == "valid":
+        return max(1, int(fraction * n_valid))
+    return min(int(fraction * n_pixels), n_valid)
+
 
 def hard_pixel_cross_entropy(logits: Tensor, target: Tensor, fraction: float = 0.2,
-                             ignore_index: int = IGNORE_LABEL) -> Tensor:
+                             ignore_index: int = IGNORE_LABEL, count: str = "valid") -> Tensor:
     """Mean cross-entropy of the ``fraction`` hardest valid pixels of the whole batch.
 
-    Keeps exactly ``k = max(1, int(fraction * n_valid))`` pixels; all pixels ignored -> a zero loss
-    that is still connected to ``logits``. With several processes, each holding a share of the
-    batch, the hardest pixels are those of the whole batch and the result is this process's
-    contribution: its chosen pixels' losses over ``k`` (the contributions add up to the loss).
+    Keeps exactly ``k`` pixels (:func:`hard_pixel_count`: a share of the valid pixels, or with
+    ``count`` batch of all pixels); ``fraction`` 1 with ``count`` valid is the plain cross-entropy
+    over the valid pixels. No pixel kept -> a zero loss that is still connected to ``logits``.
+    With several processes, each holding a share of the batch, the hardest pixels are those of the
+    whole batch and the result is this process's contribution: its chosen pixels' losses over ``k``
+    (the contributions add up to the loss).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"hard pixel fraction must lie in (0, 1], got {fraction}")
     per_pixel = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
     losses = per_pixel[target != ignore_index]
     if distributed.world().distributed:
-        return _shared_hard_pixels(losses, logits, fraction)
-    if losses.numel() == 0:
+        return _shared_hard_pixels(losses, logits, fraction, count, target.numel())
+    k = hard_pixel_count(losses.numel(), target.numel(), fraction, count)
+    if k == 0:
         return logits.sum() * 0.0
-    k = max(1, int(fraction * losses.numel()))
+    if k == losses.numel():
+        return losses.mean()
     return torch.topk(losses, k, sorted=False).values.mean()
 
 
-def _shared_hard_pixels(losses: Tensor, logits: Tensor, fraction: float) -> Tensor:
+def _shared_hard_pixels(losses: Tensor, logits: Tensor, fraction: float, count: str,
+                        n_pixels: int) -> Tensor:
     """This process's part of the hard-pixel loss of a batch shared among processes: the k-th
     largest loss of the whole batch is found from every process's k largest."""
-    n = int(distributed.all_sum(torch.tensor([losses.numel()], device=losses.device)).item())
-    if n == 0:
+    sizes = distributed.all_sum(torch.tensor([losses.numel(), n_pixels], device=losses.device))
+    n, total = (int(v) for v in sizes.tolist())
+    k = hard_pixel_count(n, total, fraction, count)
+    if k == 0:
         return logits.sum() * 0.0
-    k = max(1, int(fraction * n))
+    if k == n:
+        return losses.sum() / k
     mine = torch.full((k,), float("-inf"), device=losses.device, dtype=losses.dtype)
     top = torch.topk(losses.detach(), min(k, losses.numel())).values
     mine[: len(top)] = top
@@ -157,9 +185,15 @@ def build_deeplabv3(arch: str, num_classes: int, output_stride: int = 8,
 
 
 def model_from_settings(s: SegmentationSettings, num_classes: int, load_pretrained: bool) -> nn.Module:
-    """The configured DeepLab-v3; its pretrained backbone weights are loaded when ``load_pretrained``."""
-    return build_deeplabv3(s.arch, num_classes, s.output_stride, s.atrous_rates,
-                           s.pretrained_backbone if load_pretrained else None, s.frozen_stages)
+    """The configured DeepLab-v3; its pretrained backbone weights are loaded when ``load_pretrained``.
+
+    Its ``test_side`` attribute is the square side it predicts at (:func:`fixed_side`; None: the
+    image's own size), so a model predicts the way it was trained.
+    """
+    model = build_deeplabv3(s.arch, num_classes, s.output_stride, s.atrous_rates,
+                            s.pretrained_backbone if load_pretrained else None, s.frozen_stages)
+    model.test_side = fixed_side(s.transform, s.crop_size)
+    return model
 
 
 # ---------------------------------------------------------------- data
@@ -170,22 +204,76 @@ def label_path(labels_dir: Path, key: str) -> Path:
     return Path(labels_dir) / f"{key}.png"
 
 
-class SegmentationDataset(Dataset):
-    """Images with label PNGs, augmented with scale, rotation, flip and a random crop.
+TRANSFORMS = ("crop", "reference")
 
+
+def check_transform(transform: str, key: str = "segmentation.transform") -> str:
+    """``transform`` when it is one of :data:`TRANSFORMS`; else an error naming the config key."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"config key '{key}': {transform!r} is not one of {list(TRANSFORMS)}")
+    return transform
+
+
+def fixed_side(transform: str, crop_size: int) -> int | None:
+    """The square side every image is resized to, in training and prediction, under ``transform``:
+    ``crop_size`` for reference, None for crop (native scale)."""
+    return crop_size if check_transform(transform) == "reference" else None
+
+
+def fixed_resize(rgb: np.ndarray, labels: np.ndarray | None, side: int
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole image resized to ``side`` x ``side`` (aspect not kept): uint8 RGB bicubic, labels
+    nearest (OpenCV, as the authors' FixedResize)."""
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (side, side), interpolation=cv2.INTER_CUBIC)
+    if labels is not None:
+        labels = cv2.resize(np.ascontiguousarray(labels), (side, side), interpolation=cv2.INTER_NEAREST)
+    return rgb, labels
+
+
+def reference_augment(rgb: np.ndarray, labels: np.ndarray, flip: bool, scale: float, angle: float,
+                      side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' training transform of a uint8 RGB image (H, W, 3) and its uint8 labels (H, W).
+
+    Horizontal flip (when ``flip``), then scale by ``scale`` and rotate by ``angle`` degrees
+    (counter-clockwise) about the image centre on the same H x W canvas, image bicubic and labels
+    nearest, the uncovered border black in the image and label 0 in the labels; then the whole
+    image resized to ``side`` x ``side`` (:func:`fixed_resize`). Returns (side, side, 3), (side, side).
+    """
+    if flip:
+        rgb, labels = rgb[:, ::-1], labels[:, ::-1]
+    rgb, labels = np.ascontiguousarray(rgb), np.ascontiguousarray(labels)
+    h, w = labels.shape
+    if scale != 1.0 or angle != 0.0:
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        rgb = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=(0, 0, 0))
+        labels = cv2.warpAffine(labels, m, (w, h), flags=cv2.INTER_NEAREST,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    rgb, resized = fixed_resize(rgb, labels, side)
+    assert resized is not None
+    return rgb, resized
+
+
+class SegmentationDataset(Dataset):
+    """Images with label PNGs, augmented as ``transform`` says.
+
+    crop: scale, rotation (border ignored), flip and a random ``crop_size`` crop at native scale;
+    reference: :func:`reference_augment` (flip, scale and rotation on the same canvas with border
+    label 0, the whole image resized to ``crop_size`` x ``crop_size``).
     Random draws come from a generator seeded by (seed, epoch, index), so augmentation does not
     depend on worker count or on where a run was resumed; call :meth:`set_epoch` each epoch.
     """
 
     def __init__(self, records: list[ImageRecord], labels_dir: Path, crop_size: int,
                  scale_range: Sequence[float] = (0.75, 1.25), rotation_degrees: float = 5.0,
-                 seed: int = 0):
+                 seed: int = 0, transform: str = "crop"):
         self.records = list(records)
         self.labels_dir = Path(labels_dir)
         self.crop = crop_size
         self.scale_range = (scale_range[0], scale_range[1])
         self.rotation = rotation_degrees
         self.seed = seed
+        self.transform = check_transform(transform)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -195,8 +283,8 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """Normalised image (3, H, W) and int64 labels (H, W) of one record, unaugmented."""
+    def load_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 RGB (H, W, 3) and uint8 labels (H, W) of one record, unaugmented."""
         rec = self.records[index]
         lpath = label_path(self.labels_dir, rec.key)
         labels = read_label_png(lpath)
@@ -204,10 +292,17 @@ class SegmentationDataset(Dataset):
         if labels.shape != rgb.shape[:2]:
             raise ValueError(f"{lpath}: label size {labels.shape} differs from image {rec.path} "
                              f"size {rgb.shape[:2]}")
+        return rgb, labels
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """Normalised image (3, H, W) and int64 labels (H, W) of one record, unaugmented."""
+        rgb, labels = self.load_arrays(index)
         return to_tensor(rgb), torch.from_numpy(labels.astype(np.int64))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.transform == "reference":
+            return self._reference_item(index, rng)
         image, labels = self.load(index)
         lab = labels[None].float()
         h, w = image.shape[-2:]
@@ -234,6 +329,15 @@ class SegmentationDataset(Dataset):
         image = image[:, y0:y0 + self.crop, x0:x0 + self.crop].contiguous()
         lab = lab[0, y0:y0 + self.crop, x0:x0 + self.crop].round().long().contiguous()
         return image, lab
+
+    def _reference_item(self, index: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        """One record through :func:`reference_augment` with draws from ``rng``."""
+        rgb, labels = self.load_arrays(index)
+        flip = bool(rng.random() < 0.5)
+        scale = float(rng.uniform(*self.scale_range))
+        angle = float(rng.uniform(-self.rotation, self.rotation)) if self.rotation > 0 else 0.0
+        rgb, labels = reference_augment(rgb, labels, flip, scale, angle, self.crop)
+        return to_tensor(rgb), torch.from_numpy(labels.astype(np.int64))
 
 
 # ---------------------------------------------------------------- training
@@ -283,7 +387,7 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s.lr_drop_epochs),
                                                      gamma=0.1)
     dataset = SegmentationDataset(records, labels_dir, s.crop_size, s.scale_range,
-                                  s.rotation_degrees, s.seed)
+                                  s.rotation_degrees, s.seed, s.transform)
 
     def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
@@ -294,7 +398,8 @@ def train_segmentation(records: list[ImageRecord], labels_dir: Path, checkpoint_
 
     def loss(net: nn.Module, batch: tuple[Tensor, Tensor], _step: int) -> Losses:
         images, labels = (t.to(device, non_blocking=True) for t in batch)
-        value = hard_pixel_cross_entropy(net(images)["out"], labels, s.hard_pixel_fraction)
+        value = hard_pixel_cross_entropy(net(images)["out"], labels, s.hard_pixel_fraction,
+                                         count=s.hard_pixel_count)
         return value, {"loss": value.item()}
 
     log.info("segmentation: %d training images, batches of %d", len(records), batch_size)
@@ -328,36 +433,118 @@ def mixed_precision(model: nn.Module, device: torch.device, precision: str) -> n
     return autocast_forward(memory_format(model, precision), device, precision)
 
 
+def input_size(h: int, w: int, short_side: int | None = None, side: int | None = None) -> tuple[int, int]:
+    """The size an H x W image enters the model at: ``side`` x ``side`` when given (the reference
+    transform; ``short_side`` is then not used), else shorter side ``short_side``, else as is."""
+    if side:
+        return side, side
+    return resized_hw(h, w, short_side) if short_side else (h, w)
+
+
+def model_input(rgb: np.ndarray, size: tuple[int, int], side: int | None) -> Tensor:
+    """Normalised (1, 3, h, w) input of a uint8 RGB image at ``size``: OpenCV bicubic for a fixed
+    ``side`` (as in training, :func:`fixed_resize`), else :func:`to_tensor`'s resize."""
+    if side:
+        return to_tensor(fixed_resize(rgb, None, side)[0])[None]
+    return to_tensor(rgb, size)[None]
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The module whose output is the low-resolution logits (the DeepLab head; for a linear probe,
+    the head of the model inside it)."""
+    inner = getattr(model, "model", model)
+    return inner.classifier
+
+
+def forward_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's logits at the input size (1, C, h, w) and the head's low-resolution logits
+    (1, C, h/stride, w/stride) they were upsampled from, both float32."""
+    captured: list[Tensor] = []
+    hook = classifier_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        out = model(x)["out"]
+    finally:
+        hook.remove()
+    return out.float(), captured[-1].float()
+
+
+def labels_at_image_size(logits: Tensor, hw: tuple[int, int], side: int | None) -> np.ndarray:
+    """uint8 (H, W) labels of (1, C, h, w) logits: argmax, then nearest resize to ``hw`` for a
+    fixed ``side`` (the authors' test); else the logits upsampled bilinearly, then argmax."""
+    if logits.shape[-2:] == hw:
+        return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+    if side:
+        labels = logits.argmax(1, keepdim=True).float()
+        return F.interpolate(labels, size=hw, mode="nearest")[0, 0].to(torch.uint8).cpu().numpy()
+    logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
 @torch.no_grad()
+def predict_logits(model: nn.Module, rgb: np.ndarray, device: torch.device,
+                   short_side: int | None = None) -> tuple[np.ndarray, Tensor, Tensor]:
+    """Prediction of one RGB image at the model's ``test_side`` (or ``short_side``, or as is).
+
+    Returns the uint8 label map (H, W) at the image's size, the logits at the input size
+    (1, C, h, w) and the head's low-resolution logits (1, C, h', w'), on ``device``.
+    """
+    h, w = rgb.shape[:2]
+    side = getattr(model, "test_side", None)
+    size = input_size(h, w, short_side, side)
+    logits, low = forward_logits(model, model_input(rgb, size, side).to(device))
+    return labels_at_image_size(logits, (h, w), side), logits, low
+
+
 def predict_label_map(model: nn.Module, rgb: np.ndarray, device: torch.device,
                       short_side: int | None = None) -> np.ndarray:
-    """uint8 label map (H, W) of one RGB image, at the image's original size."""
-    h, w = rgb.shape[:2]
-    size = resized_hw(h, w, short_side) if short_side else None
-    x = to_tensor(rgb, size)[None].to(device)
-    logits = model(x)["out"]
-    if logits.shape[-2:] != (h, w):
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+    """uint8 label map (H, W) of one RGB image, at the image's original size (see
+    :func:`predict_logits`)."""
+    return predict_logits(model, rgb, device, short_side)[0]
+
+
+def logits_path(logits_dir: Path, key: str) -> Path:
+    """Where the low-resolution logits of an image key live (see :func:`write_logits`)."""
+    return Path(logits_dir) / f"{key}.npz"
+
+
+def write_logits(path: Path, low: Tensor, input_hw: tuple[int, int]) -> None:
+    """Store an image's low-resolution logits (C, h', w') as float16 with the model's input size
+    (what they were upsampled to): ``np.savez`` arrays ``logits`` and ``input_hw``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # keys may name sub-folders
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, logits=low[0].to(torch.float16).cpu().numpy(), input_hw=np.asarray(input_hw, np.int64))
+    tmp.replace(path)
 
 
 def predict_segmentation(model_path: Path, records: list[ImageRecord], out_dir: Path,
                          device: torch.device, short_side: int | None = None, *,
-                         resume: bool = False, precision: str = "fp32") -> None:
-    """Write ``{out_dir}/{key}.png`` label maps, predicted with the shorter image side at
-    ``short_side`` (None: the original size) in ``precision``; with ``resume`` skip images
-    already written."""
+                         resume: bool = False, precision: str = "fp32",
+                         logits_dir: Path | None = None) -> None:
+    """Write ``{out_dir}/{key}.png`` label maps, predicted at the model's ``test_side`` x
+    ``test_side`` (reference transform) or with the shorter image side at ``short_side`` (None: the
+    original size) in ``precision``; with ``logits_dir`` also ``{logits_dir}/{key}.npz``, the
+    low-resolution logits (:func:`write_logits`, what a CRF from probabilities needs). With
+    ``resume`` skip images already written."""
     model, _ = load_segmentation_model(Path(model_path), device)
     mixed_precision(model, device, precision)
+    side = getattr(model, "test_side", None)
+    if side and short_side:
+        log.info("model trained with transform 'reference': predicting at %dx%d, "
+                 "test_short_side %d not used", side, side, short_side)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if logits_dir is not None:
+        Path(logits_dir).mkdir(parents=True, exist_ok=True)
     done = skipped = 0
     for rec in progress(records, total=len(records), desc="segmentation predictions"):
         target = label_path(out_dir, rec.key)
-        if resume and target.is_file():
+        if resume and target.is_file() and (logits_dir is None or logits_path(logits_dir, rec.key).is_file()):
             skipped += 1
             continue
-        write_label_png(target, predict_label_map(model, read_rgb(rec.path), device, short_side))
+        labels, logits, low = predict_logits(model, read_rgb(rec.path), device, short_side)
+        if logits_dir is not None:
+            write_logits(logits_path(logits_dir, rec.key), low, tuple(logits.shape[-2:]))
+        write_label_png(target, labels)
         done += 1
     log.info("wrote %d label maps to %s (%d already there)", done, out_dir, skipped)
-

@@ -206,6 +206,8 @@ class SegmentationSettings(SgdSettings):
     scale_range: tuple[float, float]
     rotation_degrees: float
     hard_pixel_fraction: float
+    hard_pixel_count: str
+    transform: str
     test_short_side: int | None
 
 
@@ -231,6 +233,8 @@ class CrfSettings:
     bilateral_srgb: float
     bilateral_compat: float
     label_confidence: float
+    unary: str
+    channel_order: str
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,9 @@ class LinearProbeSettings(SgdSettings):
     val_labels: str | None
     crop_size: int
     scale_range: tuple[float, float]
+    rotation_degrees: float
+    transform: str
+    head_init: str
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@
 # the segmentation rules with other files.
 
 CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
-            "bilateral_compat", "label_confidence")
+            "bilateral_compat", "label_confidence", "unary", "channel_order")
+# crf.unary: probabilities: the CRF starts from the softmax of the predictions' logits
+CRF_LOGITS = ({"logits": f"{RESULTS}/{{stage}}/logits/{{split}}"} if CRF_FROM_PROBABILITIES else {})
 
 
 rule crf_refine:
     input:
         labels=f"{RESULTS}/{{stage}}/predictions/{{split}}",
         skipped=INPUT_REPORT,
+        **CRF_LOGITS,
     output:
         directory(f"{RESULTS}/{{stage,segmentation|segmentation_crf}}/crf/{{split}}"),
     params:
@@ -19,6 +22,7 @@ rule crf_refine:
         "logs/crf_refine/{stage}_{split}.log",
     shell:
         "maskdistill crf-refine --config {params.cfg:q} --split {wildcards.split} --labels {input.labels}"
+        + (" --logits {input.logits}" if CRF_FROM_PROBABILITIES else "") +
         " --skipped {input.skipped} --out {output} > {log} 2>&1"
 
 
@@ -38,6 +42,6 @@ use rule predict_segmentation as predict_segmentation_crf with:
         images=split_images,
         skipped=INPUT_REPORT,
     output:
-        directory(f"{RESULTS}/segmentation_crf/predictions/{{split}}"),
+        **prediction_outputs("segmentation_crf"),
     log:
         "logs/predict_segmentation_crf/{split}.log",

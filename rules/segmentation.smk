@@ -1,4 +1,19 @@
 # Stage 4: DeepLab-v3 trained on the pseudo-label PNGs (hard pixel mining), then predictions.
+# With crf.unary: probabilities the prediction rules also keep each image's low-resolution logits
+# ({stage}/logits/{split}/<key>.npz) for the CRF; otherwise their outputs and command are as before.
+
+CRF_FROM_PROBABILITIES = SETTINGS.crf.unary == "probabilities"
+PREDICT_OUT = (" --out {output.labels} --logits {output.logits}" if CRF_FROM_PROBABILITIES
+               else " --out {output}")
+
+
+def prediction_outputs(stage):
+    """A prediction rule's outputs: the label PNGs, and the logits the CRF needs when it starts
+    from probabilities."""
+    outputs = {"labels": directory(f"{RESULTS}/{stage}/predictions/{{split}}")}
+    if CRF_FROM_PROBABILITIES:
+        outputs["logits"] = directory(f"{RESULTS}/{stage}/logits/{{split}}")
+    return outputs
 
 
 rule train_segmentation:
@@ -27,7 +42,7 @@ rule predict_segmentation:
         images=split_images,
         skipped=INPUT_REPORT,
     output:
-        directory(f"{RESULTS}/segmentation/predictions/{{split}}"),
+        **prediction_outputs("segmentation"),
     params:
         cfg=cfg("segmentation"),
     log:
@@ -35,5 +50,5 @@ rule predict_segmentation:
     threads: 2
     shell:
         "maskdistill --threads {threads} predict-segmentation --config {params.cfg:q}"
-        " --model {input.model} --split {wildcards.split} --skipped {input.skipped} --out {output}"
+        " --model {input.model} --split {wildcards.split} --skipped {input.skipped}" + PREDICT_OUT +
         " > {log} 2>&1"

@@ -92,3 +92,53 @@ def test_linear_probe_missing_labels_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1\.png"):
         train_linear_probe(seg, records, labels, tmp_path / "ck", tmp_path / "p.pt",
                            section_settings("linear_probe", {"epochs": 1}), 3, torch.device("cpu"))
+
+
+def _plain_head_model() -> torch.nn.Module:
+    from maskdistill.segmentation import build_deeplabv3
+
+    return build_deeplabv3("resnet18", 4, 8, (2, 4, 6), None, 0)
+
+
+def test_probe_head_init_normal_is_n0_001_with_zero_bias():
+    from maskdistill.linear_probe import LinearProbe
+
+    torch.manual_seed(0)
+    model = _plain_head_model()  # each probe replaces the same last 1x1 conv
+    head = LinearProbe(model, 21, "normal").classifier  # 21 x 256 weights
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert abs(head.weight.mean().item()) < 0.001 and torch.count_nonzero(head.bias) == 0
+    default = LinearProbe(model, 21).classifier  # PyTorch: U(+-1/16), std 0.036
+    assert default.weight.std().item() > 0.03 and torch.count_nonzero(default.bias) > 0
+    with pytest.raises(ValueError, match="linear_probe.head_init"):
+        LinearProbe(model, 21, "xavier")
+
+
+def test_probe_transform_rotates_and_predicts_at_crop_size(tmp_path):
+    from maskdistill.linear_probe import build_probe, load_probe, probe_dataset
+    from maskdistill.settings import as_config
+    from maskdistill.training import save_model
+
+    records, labels = _probe_data(tmp_path, n=1)
+    s = section_settings("linear_probe", {"crop_size": 24, "transform": "reference",
+                                          "rotation_degrees": 5, "head_init": "normal"})
+    ds = probe_dataset(records, labels, s)
+    assert ds.rotation == 5 and ds.transform == "reference" and ds.crop == 24
+    # the rotation reaches the images: the grey border (label 0) turns, so some epoch's top-left
+    # corner is uncovered (label 0) where the unrotated label is 255
+    corners = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        lab = ds[0][1]
+        assert lab.shape == (24, 24)
+        corners.add(int(lab[0, 0]))
+    assert 0 in corners
+    today = probe_dataset(records, labels, section_settings("linear_probe"))
+    assert today.rotation == 0 and today.transform == "crop"  # the defaults: as before
+    seg = tmp_path / "seg.pt"
+    _tiny_segmentation_model(seg)
+    probe = build_probe(seg, 3, torch.device("cpu"), s)
+    assert probe.test_side == 24
+    save_model(tmp_path / "p.pt", probe.classifier.state_dict(), num_classes=3, cfg=as_config(s))
+    assert load_probe(tmp_path / "p.pt", seg, torch.device("cpu")).test_side == 24
+    assert build_probe(seg, 3, torch.device("cpu")).test_side is None

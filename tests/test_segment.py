@@ -63,11 +63,12 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[ImageRecord]:
 
 
 def write_model(path: Path, bias: list[float] | None = None,
-                calibration: list[torch.Tensor] | None = None) -> Path:
+                calibration: list[torch.Tensor] | None = None, **settings) -> Path:
     """A tiny DeepLab-v3 model file as segmentation writes it. With ``bias`` its last conv has zero
     weights and that bias (the label of the largest bias wins everywhere). Otherwise its random
     logits, which vary little across pixels, are centred by the bias on their mean over the
-    ``calibration`` images (3, h, w), so that several labels win."""
+    ``calibration`` images (3, h, w), so that several labels win. ``settings``: more segmentation
+    settings stored with it (e.g. its transform)."""
     torch.manual_seed(0)
     model = build_deeplabv3("resnet18", NUM_CLASSES, 8, (2, 4, 6), None, 0).eval()
     last = model.classifier[-1]
@@ -79,7 +80,7 @@ def write_model(path: Path, bias: list[float] | None = None,
             means = [model(x[None])["out"].mean((0, 2, 3)) for x in calibration]
             last.bias.sub_(torch.stack(means).mean(0))
     cfg = as_config(section_settings("segmentation", {"arch": "resnet18", "atrous_rates": [2, 4, 6],
-                                                      "frozen_stages": 0}))
+                                                      "frozen_stages": 0, **settings}))
     save_model(path, model.state_dict(), cfg=cfg, num_classes=NUM_CLASSES)
     return path
 
@@ -232,3 +233,19 @@ def test_matched_class_names_follow_the_evaluation_mapping(tmp_path):
     assert matched_class_names(tmp_path / "missing.json", "segmentation", 4) is None
     with pytest.raises(ValueError, match=r"metrics\.json.*maps 4 labels, but the model has 3"):
         matched_class_names(metrics, "segmentation", 3)
+
+
+def test_a_reference_model_segments_every_photo_at_its_test_side(photos, tmp_path, monkeypatch):
+    from maskdistill.segmentation import predict_label_map
+
+    rgbs = [read_rgb(r.path) for r in photos]
+    calibration = [to_tensor(rgb, (24, 24)) for rgb in rgbs]
+    model_path = write_model(tmp_path / "ref.pt", calibration=calibration, transform="reference",
+                             crop_size=24)
+    sizes = forward_batch_sizes(monkeypatch)
+    segment_images(model_path, photos, tmp_path / "out", CPU, short_side=32, batch_size=4)
+    assert sizes == [4, 1]  # every photo enters at 24x24, whatever its size (short_side not used)
+    model, _ = load_segmentation_model(model_path, CPU)
+    for record, rgb in zip(photos, rgbs, strict=True):  # the same labels as the prediction rule's
+        got = read_label_png(tmp_path / "out" / "labels" / f"{record.key}.png")
+        np.testing.assert_array_equal(got, predict_label_map(model, rgb, CPU))

@@ -329,3 +329,142 @@ def test_model_file_of_an_earlier_version_loads(tmp_path):
     assert num_classes == 3 and not loaded.training
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------- issue 16: reference transform, OHEM count
+
+
+def test_hard_pixel_count_over_valid_or_all_pixels():
+    from maskdistill.segmentation import hard_pixel_count
+
+    assert hard_pixel_count(15, 20, 0.2, "valid") == 3  # int(0.2 * 15)
+    assert hard_pixel_count(15, 20, 0.2, "batch") == 4  # int(0.2 * 20)
+    assert hard_pixel_count(2, 20, 0.2, "batch") == 2  # never more than the valid pixels
+    assert hard_pixel_count(3, 20, 0.01, "valid") == 1 and hard_pixel_count(3, 20, 0.01, "batch") == 0
+    assert hard_pixel_count(0, 20, 0.2, "valid") == 0
+    with pytest.raises(ValueError, match="hard_pixel_count"):
+        hard_pixel_count(1, 1, 0.2, "image")
+
+
+def test_hard_pixel_loss_batch_count_includes_ignored_pixels():
+    losses = np.arange(1, 21, dtype=np.float64).reshape(2, 2, 5) * 0.1
+    logits = _logits_with_losses(losses)
+    target = torch.zeros(2, 2, 5, dtype=torch.long)
+    target[1, 1] = 255  # 15 valid of 20; the 5 largest losses (1.6 .. 2.0) ignored
+    # valid: k = int(0.2 * 15) = 3; batch (the authors'): k = min(int(0.2 * 20), 15) = 4
+    valid = hard_pixel_cross_entropy(logits, target, 0.2, count="valid")
+    batch = hard_pixel_cross_entropy(logits, target, 0.2, count="batch")
+    assert valid.item() == pytest.approx((1.5 + 1.4 + 1.3) / 3, abs=1e-9)
+    assert batch.item() == pytest.approx((1.5 + 1.4 + 1.3 + 1.2) / 4, abs=1e-9)
+    target[:] = 255
+    target[0, 0, :2] = 0  # 2 valid pixels (losses 0.1, 0.2): k = min(4, 2) = 2
+    assert hard_pixel_cross_entropy(logits, target, 0.2, count="batch").item() == pytest.approx(0.15)
+    target[:] = 255
+    empty = hard_pixel_cross_entropy(logits, target, 0.2, count="batch")
+    assert empty.item() == 0.0 and empty.grad_fn is not None
+
+
+def test_reference_augment_without_scale_rotation_or_flip_is_a_plain_resize():
+    from maskdistill.segmentation import reference_augment
+
+    rgb = np.empty((4, 6, 3), np.uint8)
+    rgb[:] = (10, 200, 30)
+    labels = np.array([[0, 1, 2, 3, 4, 5]] * 4, np.uint8)
+    labels[2:] += 10
+    out_rgb, out_lab = reference_augment(rgb, labels, False, 1.0, 0.0, 12)
+    assert out_rgb.shape == (12, 12, 3) and out_lab.shape == (12, 12)
+    assert (out_rgb == (10, 200, 30)).all()  # a flat colour stays flat through bicubic
+    # nearest 4x6 -> 12x12: rows repeat 3 times, columns twice (aspect not kept)
+    np.testing.assert_array_equal(out_lab, np.repeat(np.repeat(labels, 3, 0), 2, 1))
+    # the flip mirrors the columns
+    _, flipped = reference_augment(rgb, labels, True, 1.0, 0.0, 12)
+    np.testing.assert_array_equal(flipped, out_lab[:, ::-1])
+
+
+def test_reference_augment_fills_the_border_with_label_0_and_black():
+    from maskdistill.segmentation import reference_augment
+
+    rgb = np.full((40, 40, 3), 200, np.uint8)
+    labels = np.ones((40, 40), np.uint8)
+    out_rgb, out_lab = reference_augment(rgb, labels, False, 1.0, 5.0, 40)  # rotated 5 degrees
+    assert set(np.unique(out_lab).tolist()) == {0, 1}  # corners uncovered: 0, never 255
+    assert out_lab[0, 0] == 0 and out_lab[20, 20] == 1 and (out_rgb[0, 0] == 0).all()
+    _, shrunk = reference_augment(rgb, labels, False, 0.75, 0.0, 40)  # zoom out on the same canvas
+    assert (shrunk[:4] == 0).all() and (shrunk[:, :4] == 0).all() and (shrunk[6:34, 6:34] == 1).all()
+    _, grown = reference_augment(rgb, labels, False, 1.25, 3.0, 40)  # zoom in: nothing uncovered
+    assert (grown == 1).all()
+
+
+def test_reference_dataset_items_are_always_crop_size_squares(tmp_path):
+    records = _square_data(tmp_path, n=2, hw=(40, 48))
+    ds = SegmentationDataset(records, tmp_path / "labels", 32, (0.75, 1.25), 5, seed=0,
+                             transform="reference")
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        img, lab = ds[0]
+        assert img.shape == (3, 32, 32) and lab.shape == (32, 32) and lab.dtype == torch.int64
+        assert set(lab.unique().tolist()) <= {0, 1}  # border label 0: nothing ignored
+    assert torch.equal(ds[1][1], ds[1][1])  # deterministic per (seed, epoch, index)
+    with pytest.raises(ValueError, match="segmentation.transform"):
+        SegmentationDataset(records, tmp_path / "labels", 32, transform="resize")
+
+
+def test_fixed_side_predictions_are_resized_back_with_nearest():
+    from maskdistill.segmentation import labels_at_image_size
+
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1] = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])  # argmax [[0, 1], [1, 0]]
+    got = labels_at_image_size(logits, (4, 6), side=2)
+    np.testing.assert_array_equal(got, np.repeat(np.repeat([[0, 1], [1, 0]], 2, 0), 3, 1))
+    # native route: logits upsampled bilinearly, then argmax (the centre column ties differently)
+    assert labels_at_image_size(logits, (2, 2), side=None).tolist() == [[0, 1], [1, 0]]
+
+
+class _ChannelModel(torch.nn.Module):
+    """A stand-in segmentation model: its 'logits' are the first two input channels (R, G)."""
+
+    def __init__(self, test_side):
+        super().__init__()
+        self.classifier = torch.nn.Identity()
+        self.test_side = test_side
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = tuple(x.shape)
+        return {"out": self.classifier(x[:, :2])}
+
+
+def test_predict_at_the_models_test_side_and_back_to_the_image_size():
+    from maskdistill.segmentation import predict_logits
+
+    rgb = np.zeros((5, 8, 3), np.uint8)
+    rgb[:, :4] = (255, 0, 0)  # red left: class 0
+    rgb[:, 4:] = (0, 255, 0)  # green right: class 1
+    expected = np.repeat([[0] * 4 + [1] * 4], 5, 0)
+    for side, seen in ((4, (1, 3, 4, 4)), (None, (1, 3, 5, 8))):
+        model = _ChannelModel(side)
+        labels, logits, low = predict_logits(model, rgb, torch.device("cpu"))
+        assert model.seen == seen and labels.shape == (5, 8) and low.shape == (1, 2) + seen[2:]
+        np.testing.assert_array_equal(labels, expected)
+
+
+def test_reference_model_predicts_at_crop_size_and_keeps_its_logits(tmp_path):
+    from maskdistill.segmentation import model_from_settings
+
+    assert model_from_settings(_cfg(transform="reference"), 2, False).test_side == 32
+    assert model_from_settings(_cfg(), 2, False).test_side is None
+    from maskdistill.settings import as_config
+    from maskdistill.training import save_model
+
+    torch.manual_seed(0)
+    records = _square_data(tmp_path, n=1)
+    cfg = _cfg(transform="reference")
+    model = model_from_settings(cfg, NUM_CLASSES, False)  # what train_segmentation writes
+    save_model(tmp_path / "m.pt", model.state_dict(), cfg=as_config(cfg), num_classes=NUM_CLASSES)
+    predict_segmentation(tmp_path / "m.pt", records[:1], tmp_path / "pred", torch.device("cpu"),
+                         logits_dir=tmp_path / "logits")
+    key = records[0].key
+    assert read_label_png(tmp_path / "pred" / f"{key}.png").shape == (40, 48)  # the image's size
+    with np.load(tmp_path / "logits" / f"{key}.npz") as stored:
+        assert stored["logits"].dtype == np.float16 and stored["logits"].shape == (2, 4, 4)  # 32 / 8
+        assert stored["input_hw"].tolist() == [32, 32]
