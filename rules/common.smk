@@ -96,3 +96,26 @@ def cfg(*sections, only=()):
     """The config sections a job reads (and the package version), as JSON: Snakemake compares
     params to decide reruns."""
     return rule_config(config, *sections, only=only)
+
+
+# crf.unary: probabilities: the segmentation predictions also keep their logits, which the CRF
+# starts from. At the default (labels) both commands are exactly those of earlier versions, so
+# upgrading reruns nothing.
+CRF_FROM_PROBABILITIES = SETTINGS.crf.unary == "probabilities"
+_PREDICT_OUT = ("--out {output.labels} --logits {output.logits}" if CRF_FROM_PROBABILITIES
+                else "--out {output}")
+PREDICT_SEGMENTATION = ("maskdistill --threads {threads} predict-segmentation --config {params.cfg:q}"
+                        " --model {input.model} --split {wildcards.split} --skipped {input.skipped}"
+                        f" {_PREDICT_OUT} > {{log}} 2>&1")
+_CRF_LOGITS_OPTION = " --logits {input.logits}" if CRF_FROM_PROBABILITIES else ""
+CRF_REFINE = ("maskdistill crf-refine --config {params.cfg:q} --split {wildcards.split} --labels {input.labels}"
+              f"{_CRF_LOGITS_OPTION} --skipped {{input.skipped}} --out {{output}} > {{log}} 2>&1")
+
+
+def prediction_outputs(stage):
+    """A prediction rule's outputs: the label PNGs, and the logits the CRF needs when it starts
+    from probabilities."""
+    outputs = {"labels": directory(f"{RESULTS}/{stage}/predictions/{{split}}")}
+    if CRF_FROM_PROBABILITIES:
+        outputs["logits"] = directory(f"{RESULTS}/{stage}/logits/{{split}}")
+    return outputs

@@ -21,9 +21,7 @@ rule crf_refine:
     log:
         "logs/crf_refine/{stage}_{split}.log",
     shell:
-        "maskdistill crf-refine --config {params.cfg:q} --split {wildcards.split} --labels {input.labels}"
-        + (" --logits {input.logits}" if CRF_FROM_PROBABILITIES else "") +
-        " --skipped {input.skipped} --out {output} > {log} 2>&1"
+        CRF_REFINE
 
 
 use rule train_segmentation as train_segmentation_crf with:

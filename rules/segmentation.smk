@@ -1,19 +1,7 @@
 # Stage 4: DeepLab-v3 trained on the pseudo-label PNGs (hard pixel mining), then predictions.
 # With crf.unary: probabilities the prediction rules also keep each image's low-resolution logits
-# ({stage}/logits/{split}/<key>.npz) for the CRF; otherwise their outputs and command are as before.
-
-CRF_FROM_PROBABILITIES = SETTINGS.crf.unary == "probabilities"
-PREDICT_OUT = (" --out {output.labels} --logits {output.logits}" if CRF_FROM_PROBABILITIES
-               else " --out {output}")
-
-
-def prediction_outputs(stage):
-    """A prediction rule's outputs: the label PNGs, and the logits the CRF needs when it starts
-    from probabilities."""
-    outputs = {"labels": directory(f"{RESULTS}/{stage}/predictions/{{split}}")}
-    if CRF_FROM_PROBABILITIES:
-        outputs["logits"] = directory(f"{RESULTS}/{stage}/logits/{{split}}")
-    return outputs
+# ({stage}/logits/{split}/<key>.npz) for the CRF (rules/common.smk: prediction_outputs); otherwise
+# their outputs and command are as before.
 
 
 rule train_segmentation:
@@ -49,6 +37,4 @@ rule predict_segmentation:
         "logs/predict_segmentation/{split}.log",
     threads: 2
     shell:
-        "maskdistill --threads {threads} predict-segmentation --config {params.cfg:q}"
-        " --model {input.model} --split {wildcards.split} --skipped {input.skipped}" + PREDICT_OUT +
-        " > {log} 2>&1"
+        PREDICT_SEGMENTATION
