@@ -274,6 +274,7 @@ FEATURE_KEYS = ("backbone", "crop_size", "batch_size", "decode_threads")
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
                                           ("mining", "seed_from"): "affinity",
+                                          ("mining", "preprocess"): "ours",
                                           ("clustering", "decode_threads"): 1,
                                           ("precision",): "fp32",
                                           **{(section, "gpus"): 1 for section in
