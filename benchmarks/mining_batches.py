@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--short-side", type=int, default=640)
     p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--preprocess", choices=["reference", "ours"], default="ours",
+                   help="mining.preprocess: its size rule decides the input sizes")
     p.add_argument("--num-shards", type=int, default=2)
     p.add_argument("--csv", type=Path, help="append the rows to this CSV file")
     a = p.parse_args()
@@ -48,8 +50,8 @@ def main() -> None:
     for shard in range(a.num_shards):
         members = shard_records(records, shard, a.num_shards)
         sizes = [decoded_hw(r.path) for r in members]
-        shapes = [None if hw is None else padded_hw(hw, a.short_side, a.patch) for hw in sizes]
-        ordered = [shapes[i] for i in shape_order(sizes, a.short_side, a.patch)]
+        shapes = [None if hw is None else padded_hw(hw, a.short_side, a.patch, a.preprocess) for hw in sizes]
+        ordered = [shapes[i] for i in shape_order(sizes, a.short_side, a.patch, a.preprocess)]
         before, after = passes(shapes, a.batch_size), passes(ordered, a.batch_size)
         rows.append({"shard": shard, "images": len(members), "input_sizes": len(set(shapes)),
                      "passes_shard_order": before, "passes_size_order": after,

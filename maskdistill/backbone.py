@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -82,16 +83,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+POS_EMBED_MODES = ("timm", "dino")
+
+
 def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = None,
-               weights_file: str | Path | None = None) -> nn.Module:
+               weights_file: str | Path | None = None,
+               pos_embed: Literal["timm", "dino"] = "timm") -> nn.Module:
     """A timm ViT in eval mode, frozen, accepting any input size (``dynamic_img_size``).
 
     Weights come from ``checkpoint`` when given (DINO ``.pth`` files included), else, when
     ``pretrained``, from ``weights_file`` (the hub weights of ``name`` already downloaded, see
     :mod:`maskdistill.weights_cache`; nothing is downloaded then) or the timm hub, else random
-    initialisation.
+    initialisation. ``pos_embed``: how the positional embeddings reach another patch grid than the
+    pretrained one: ``timm`` resamples them to the exact grid (timm's ``resample_abs_pos_embed``),
+    ``dino`` as DINO's ``interpolate_pos_encoding`` does (:func:`dino_pos_embed`).
     """
     check_vit_name(name)
+    if pos_embed not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed={pos_embed!r} is not one of {list(POS_EMBED_MODES)}")
     hub = pretrained and checkpoint is None
     overlay = {"file": str(weights_file)} if hub and weights_file else None
     if overlay and not Path(weights_file).is_file():
@@ -120,8 +129,74 @@ def create_vit(name: str, pretrained: bool = False, checkpoint: str | None = Non
         log.info("loaded the hub weights of '%s' from %s", name, weights_file)
     elif not pretrained:
         log.warning("ViT '%s' is RANDOMLY INITIALISED (no pretrained weights, no checkpoint)", name)
+    if pos_embed == "dino":
+        use_dino_pos_embed(model)
     model.eval().requires_grad_(False)
     return model
+
+
+def dino_pos_embed(patch_pos: torch.Tensor, grid_hw: tuple[int, int],
+                   pretrained_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """DINO's positional-embedding interpolation: (1, N0h*N0w, dim) on the pretrained grid
+    ``pretrained_hw`` (None: square) -> (1, gh*gw, dim) on the patch grid ``grid_hw`` (rows,
+    columns), both row-major like the patch tokens.
+
+    As DINO's ``interpolate_pos_encoding``: bicubic ``F.interpolate`` (``align_corners=False``) of
+    the (1, dim, N0h, N0w) grid with ``scale_factor`` ((gh + 0.1) / N0h, (gw + 0.1) / N0w). The
+    factor, not the output size, sets where the samples fall (source row of output row i:
+    (i + 0.5) N0h / (gh + 0.1) - 0.5), so this differs from resampling to the exact grid. (DINO's
+    code names the input's dims 2 and 3 ``w`` and ``h``, so its ``w0`` is the row count: the
+    first factor does belong to the rows.) The pretrained grid itself is returned unchanged, as
+    DINO does for a square input of the pretrained size. Computed in float32, returned in the
+    input's dtype.
+    """
+    _, n, dim = patch_pos.shape
+    oh, ow = pretrained_hw or (_square_side(n),) * 2
+    if oh * ow != n:
+        raise ValueError(f"positional embedding of {n} patches is not a {oh}x{ow} grid")
+    gh, gw = grid_hw
+    if (gh, gw) == (oh, ow):
+        return patch_pos
+    grid = patch_pos.float().reshape(1, oh, ow, dim).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / oh, (gw + 0.1) / ow),
+                                          mode="bicubic", align_corners=False)
+    if out.shape[-2:] != (gh, gw):
+        raise ValueError(f"DINO interpolation gave a {tuple(out.shape[-2:])} grid, expected {grid_hw}")
+    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(patch_pos.dtype)
+
+
+def _square_side(n: int) -> int:
+    """The side of a square grid of ``n`` positions; a ValueError if there is none."""
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"positional embedding of {n} patches is not a square grid")
+    return side
+
+
+def _dino_pos_embed_method(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``VisionTransformer._pos_embed`` with :func:`dino_pos_embed` instead of timm's
+    resampling: ``x`` (B, gh, gw, dim) patch tokens -> (B, prefix + gh*gw, dim) with the prefix
+    (class, register) tokens first; prefix embeddings, when the ViT has them, are kept as they are."""
+    b, gh, gw, dim = x.shape
+    prefix = [tok.expand(b, -1, -1) for tok in (self.cls_token, self.reg_token) if tok is not None]
+    n_embed_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+    pos = self.pos_embed
+    patch_pos = dino_pos_embed(pos[:, n_embed_prefix:], (gh, gw), tuple(self.patch_embed.grid_size))
+    x = x.reshape(b, gh * gw, dim)
+    if self.no_embed_class:  # prefix tokens carry no positional embedding
+        x = torch.cat([*prefix, x + patch_pos], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + torch.cat([pos[:, :n_embed_prefix], patch_pos], dim=1)
+    return self.pos_drop(x)
+
+
+def use_dino_pos_embed(model: nn.Module) -> None:
+    """Make a timm ViT (``dynamic_img_size``) add DINO-interpolated positional embeddings
+    (:func:`dino_pos_embed`) in every forward path that goes through ``model._pos_embed``."""
+    if not isinstance(model, VisionTransformer) or model.pos_embed is None or not model.dynamic_img_size:
+        raise ValueError("pos_embed 'dino' needs a timm VisionTransformer with a learned positional "
+                         "embedding and dynamic_img_size")
+    model._pos_embed = types.MethodType(_dino_pos_embed_method, model)
 
 
 def patch_size(model: nn.Module) -> int:

@@ -14,7 +14,9 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -161,8 +163,26 @@ def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def torchvision_resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Size after ``torchvision.transforms.Resize(short_side)``: the shorter side becomes
+    ``short_side``, the longer ``int(short_side * long / short)`` (truncated, not rounded)."""
+    short, long = min(height, width), max(height, width)
+    new_long = int(short_side * long / short)
+    return (short_side, new_long) if height <= width else (new_long, short_side)
+
+
+def resize_bilinear(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 RGB of ``size_hw``, resized as ``torchvision.transforms.Resize``
+    resizes a PIL image: ``torchvision.transforms.functional.resize``, bilinear with antialiasing
+    (Pillow's filter, which widens its support when it shrinks)."""
+    if tuple(size_hw) == rgb.shape[:2]:
+        return rgb
+    out = TF.resize(Image.fromarray(rgb), list(size_hw), InterpolationMode.BILINEAR, antialias=True)
+    return np.asarray(out)
+
+
 def to_tensor(rgb: np.ndarray, size_hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """uint8 RGB -> normalised float tensor (3, H, W), optionally resized (bilinear)."""
+    """uint8 RGB -> normalised float tensor (3, H, W), optionally resized (Pillow bicubic)."""
     im = rgb
     if size_hw is not None and size_hw != rgb.shape[:2]:
         im = np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.BICUBIC))

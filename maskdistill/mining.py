@@ -1,7 +1,12 @@
 """Stage 1: one object mask per image from the last self-attention block of a ViT.
 
 CLS affinity over the first heads -> 50%-mass threshold -> top-40% proposals -> seed -> LOST-style
-expansion over the summed key affinity -> the seed's connected component -> nearest upsampling.
+expansion over the summed key affinity -> the seed's connected component -> upsampling to the image.
+
+``mining.preprocess`` picks how images enter the ViT and how masks leave it: ``reference`` as the
+authors' ``gen_masks.py`` (torchvision ``Resize``, DINO positional-embedding interpolation, Pillow
+bicubic upsampling of the mask with every value above 0 kept), ``ours`` (Pillow bicubic resize with a
+rounded longer side, timm's exact-grid resampling, nearest upsampling).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from maskdistill.backbone import create_vit, last_block_qk, patch_size
@@ -27,14 +33,18 @@ from maskdistill.images import (
     pad_to_multiple,
     read_ahead,
     read_rgb,
+    resize_bilinear,
     resized_hw,
     to_tensor,
+    torchvision_resized_hw,
 )
 from maskdistill.settings import MiningSettings
 from maskdistill.storage import MaskShardWriter, MinedMask, SkippedImage, mask_to_box
 from maskdistill.training import autocast, check_precision
 
 log = logging.getLogger("maskdistill")
+
+PREPROCESS = ("reference", "ours")
 
 
 @dataclass(frozen=True)
@@ -119,13 +129,50 @@ def _attention_seed(q: torch.Tensor, k: torch.Tensor, proposals: torch.Tensor, h
 
 def upsample_patch_mask(patch_mask: np.ndarray, patch: int, resized: tuple[int, int],
                         original: tuple[int, int]) -> np.ndarray:
-    """Patch grid -> image size with nearest neighbours (through the resized, unpadded frame)."""
+    """Patch grid -> image size with nearest neighbours (through the resized, unpadded frame;
+    ``mining.preprocess: ours``)."""
     full = np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
     if full.shape == tuple(original):
         return full
     rows = np.minimum((np.arange(original[0]) + 0.5) * resized[0] / original[0], resized[0] - 1)
     cols = np.minimum((np.arange(original[1]) + 0.5) * resized[1] / original[1], resized[1] - 1)
     return full[rows.astype(np.int64)][:, cols.astype(np.int64)]
+
+
+def upsample_patch_mask_reference(patch_mask: np.ndarray, patch: int, resized: tuple[int, int],
+                                  original: tuple[int, int]) -> np.ndarray:
+    """Patch grid -> image size as the authors' code does: nearest x ``patch``, cropped to the
+    resized (unpadded) frame, then a Pillow bicubic resize of the 0/255 uint8 mask to the original
+    size (Pillow's default filter for ``Image.resize`` of a mode L image) with every value above 0
+    kept, which grows the mask by about one pixel wherever it is enlarged. No resize when the
+    sizes agree."""
+    full = np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
+    image = Image.fromarray(full.astype(np.uint8) * 255)
+    return np.asarray(image.resize((original[1], original[0]), Image.Resampling.BICUBIC)) > 0
+
+
+def resized_input_hw(hw: tuple[int, int], short_side: int, preprocess: str) -> tuple[int, int]:
+    """The size an image of size ``hw`` is resized to before the ViT under ``mining.preprocess``:
+    torchvision's ``Resize`` rule (longer side truncated) for ``reference``, the rounded longer side
+    of :func:`maskdistill.images.resized_hw` for ``ours``."""
+    check_preprocess(preprocess)
+    rule = torchvision_resized_hw if preprocess == "reference" else resized_hw
+    return rule(hw[0], hw[1], short_side)
+
+
+def check_preprocess(preprocess: str) -> None:
+    """A ValueError naming the config key when ``preprocess`` is not one of :data:`PREPROCESS`."""
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"config key 'mining.preprocess': {preprocess!r} is not one of {list(PREPROCESS)}")
+
+
+def image_tensor(rgb: np.ndarray, short_side: int, patch: int, preprocess: str) -> torch.Tensor:
+    """uint8 RGB -> the ViT's normalised input (3, H', W'): resized under ``preprocess``
+    (``reference``: torchvision ``Resize``, bilinear with antialiasing; ``ours``: Pillow bicubic),
+    ImageNet-normalised, then zero-padded at the bottom and right to a multiple of ``patch``."""
+    size = resized_input_hw(rgb.shape[:2], short_side, preprocess)
+    x = to_tensor(resize_bilinear(rgb, size)) if preprocess == "reference" else to_tensor(rgb, size)
+    return pad_to_multiple(x, patch)
 
 
 @dataclass
@@ -138,28 +185,30 @@ class _Decoded:
     slot: int = -1  # position of the image in its shard (and in the shard file)
 
 
-def _decode(record: ImageRecord, short_side: int, patch: int) -> _Decoded:
+def _decode(record: ImageRecord, short_side: int, patch: int, preprocess: str = "ours") -> _Decoded:
     try:
         rgb = read_rgb(record.path)
     except ImageReadError as err:
         return _Decoded(record, None, (0, 0), (0, 0), str(err))
-    size = resized_hw(rgb.shape[0], rgb.shape[1], short_side)
-    return _Decoded(record, pad_to_multiple(to_tensor(rgb, size), patch), rgb.shape[:2], size)
+    size = resized_input_hw(rgb.shape[:2], short_side, preprocess)
+    return _Decoded(record, image_tensor(rgb, short_side, patch, preprocess), rgb.shape[:2], size)
 
 
 def _prefetch(pool: ThreadPoolExecutor, records: list[ImageRecord], short_side: int, patch: int,
-              ahead: int) -> Iterator[_Decoded]:
+              ahead: int, preprocess: str = "ours") -> Iterator[_Decoded]:
     """Decode in background threads, at most ``ahead`` images in advance (bounded memory)."""
-    return read_ahead(pool, lambda record: _decode(record, short_side, patch), records, ahead)
+    return read_ahead(pool, lambda record: _decode(record, short_side, patch, preprocess), records, ahead)
 
 
-def padded_hw(hw: tuple[int, int], short_side: int, patch: int) -> tuple[int, int]:
-    """The ViT's input size for an image of size ``hw``: resized, then padded to the patch grid."""
-    h, w = resized_hw(hw[0], hw[1], short_side)
+def padded_hw(hw: tuple[int, int], short_side: int, patch: int, preprocess: str = "ours") -> tuple[int, int]:
+    """The ViT's input size for an image of size ``hw``: resized (the size rule of ``preprocess``),
+    then padded to the patch grid."""
+    h, w = resized_input_hw(hw, short_side, preprocess)
     return -(-h // patch) * patch, -(-w // patch) * patch
 
 
-def shape_order(sizes: list[tuple[int, int] | None], short_side: int, patch: int) -> list[int]:
+def shape_order(sizes: list[tuple[int, int] | None], short_side: int, patch: int,
+                preprocess: str = "ours") -> list[int]:
     """The order to mine a shard's images in, given their sizes (None: header unreadable).
 
     Unreadable images come first (they fail or are skipped at once), then the images grouped by
@@ -168,7 +217,7 @@ def shape_order(sizes: list[tuple[int, int] | None], short_side: int, patch: int
     """
     def key(i: int) -> tuple[int, tuple[int, int], int]:
         hw = sizes[i]
-        return (0, (0, 0), i) if hw is None else (1, padded_hw(hw, short_side, patch), i)
+        return (0, (0, 0), i) if hw is None else (1, padded_hw(hw, short_side, patch, preprocess), i)
 
     return sorted(range(len(sizes)), key=key)
 
@@ -217,21 +266,28 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
         raise ValueError(f"config key 'dataset.on_bad_image': {on_bad_image!r} is not one of "
                          f"{list(BAD_IMAGE_POLICIES)}")
     check_precision(precision, device)
+    check_preprocess(s.preprocess)
+    reference = s.preprocess == "reference"
+    upsample = upsample_patch_mask_reference if reference else upsample_patch_mask
     bb = s.backbone
-    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file).to(device)
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file,
+                       pos_embed="dino" if reference else "timm").to(device)
     patch = patch_size(model)
     params = mining_params(s)
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     attrs = {"backbone": bb.name, "checkpoint": str(bb.checkpoint or ""),
-             "patch_size": patch, "short_side": s.short_side, "num_records": len(records)}
+             "patch_size": patch, "short_side": s.short_side, "preprocess": s.preprocess,
+             "num_records": len(records)}
     skipped: list[tuple[int, SkippedImage]] = []
     start = time.perf_counter()
     done = batches = 0
     with ThreadPoolExecutor(max_workers=s.decode_threads) as pool, \
             MaskShardWriter(out_path, attrs) as writer:
-        order = shape_order(list(pool.map(decoded_hw, [r.path for r in records])), s.short_side, patch)
+        sizes = list(pool.map(decoded_hw, [r.path for r in records]))
+        order = shape_order(sizes, s.short_side, patch, s.preprocess)
         ahead = 2 * max(s.batch_size, s.decode_threads)
-        decoded = _with_slots(_prefetch(pool, [records[i] for i in order], s.short_side, patch, ahead), order)
+        todo = [records[i] for i in order]
+        decoded = _with_slots(_prefetch(pool, todo, s.short_side, patch, ahead, s.preprocess), order)
         for batch in _batches(decoded, s.batch_size):
             if batch[0].tensor is None:
                 skipped.append((batch[0].slot, _skipped(batch[0], on_bad_image)))
@@ -242,7 +298,7 @@ def mine_shard(records: list[ImageRecord], out_path: Path, s: MiningSettings, de
             grid = (x.shape[-2] // patch, x.shape[-1] // patch)
             for i, d in enumerate(batch):
                 pm = mask_from_qk(q[i], k[i], grid, params, num_prefix)
-                mask = upsample_patch_mask(pm.mask, patch, d.resized_hw, d.original_hw)
+                mask = upsample(pm.mask, patch, d.resized_hw, d.original_hw)
                 writer.append(MinedMask(key=d.record.key, file_name=_file_name(d.record),
                                         height=d.original_hw[0], width=d.original_hw[1], mask=mask,
                                         box=mask_to_box(mask), patch_mask=pm.mask,

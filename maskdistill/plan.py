@@ -354,6 +354,7 @@ FEATURE_KEYS = ("backbone", "crop", "crop_size", "batch_size", "decode_threads")
 # At that value a key is left out of every rule's params, so upgrading reruns nothing.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "plain",
                                           ("mining", "seed_from"): "affinity",
+                                          ("mining", "preprocess"): "ours",
                                           ("clustering", "decode_threads"): 1,
                                           ("clustering", "crop"): "resize",
                                           ("clustering", "center"): True,

@@ -127,6 +127,7 @@ class MiningSettings:
     proposal_ratio: float
     center_keys: bool
     seed_from: str
+    preprocess: str
     batch_size: int
     decode_threads: int
     log_every: int

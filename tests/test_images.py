@@ -15,7 +15,14 @@ import pytest
 from PIL import Image
 
 import maskdistill.images as images_mod
-from maskdistill.images import ImageReadError, decoded_hw, read_rgb, resized_hw
+from maskdistill.images import (
+    ImageReadError,
+    decoded_hw,
+    read_rgb,
+    resize_bilinear,
+    resized_hw,
+    torchvision_resized_hw,
+)
 
 ORIENTATION = 0x0112
 RNG = np.random.default_rng(0)
@@ -116,6 +123,24 @@ def test_single_pixels_and_thin_strips_within_the_limit_are_read(tmp_path, size)
 def test_resized_hw_scales_the_shorter_side():
     assert resized_hw(375, 500, 640) == (640, 853)
     assert resized_hw(1, 300, 16) == (16, 4800)
+
+
+@pytest.mark.parametrize("hw", [(333, 500), (500, 333), (333, 499), (64, 90), (7, 5)])
+def test_reference_resize_is_torchvisions_resize(hw):
+    from torchvision import transforms
+
+    rgb = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    expected = np.asarray(transforms.Resize(64)(Image.fromarray(rgb)))
+    size = torchvision_resized_hw(*hw, 64)
+    assert size == expected.shape[:2]
+    assert np.array_equal(resize_bilinear(rgb, size), expected)
+
+
+def test_torchvision_size_rule_truncates_the_longer_side():
+    assert torchvision_resized_hw(333, 499, 64) == (64, 95)  # 95.9 -> 95
+    assert resized_hw(333, 499, 64) == (64, 96)  # ours rounds
+    assert torchvision_resized_hw(499, 333, 64) == (95, 64)
+    assert torchvision_resized_hw(375, 500, 640) == (640, 853)  # 853.3
 
 
 def bad_files(root: Path) -> dict[str, str]:

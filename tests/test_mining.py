@@ -16,11 +16,15 @@ from maskdistill.images import ImageReadError
 from maskdistill.input_report import input_report, skipped_keys, write_input_report
 from maskdistill.mining import (
     MiningParams,
+    image_tensor,
     mask_from_qk,
     mass_threshold,
     mine_shard,
     mining_params,
+    padded_hw,
+    shape_order,
     upsample_patch_mask,
+    upsample_patch_mask_reference,
 )
 from maskdistill.settings import section_settings
 from maskdistill.storage import read_mask_shard, shard_skipped
@@ -193,6 +197,51 @@ def test_upsample_nearest_through_resized_frame():
     assert (up == expected).all()
 
 
+def test_reference_upsampling_grows_the_mask_by_one_pixel():
+    pm = np.zeros((3, 3), bool)
+    pm[1, 1] = True
+    # patch 2: the object is pixels 2-3 of the 6x6 resized frame; the original is twice as large
+    up = upsample_patch_mask_reference(pm, 2, (6, 6), (12, 12))
+    expected = np.zeros((12, 12), bool)
+    expected[3:9, 3:9] = True  # nearest would be 4:8; Pillow's bicubic rings one pixel further out
+    assert np.array_equal(up, expected)
+    assert np.array_equal(upsample_patch_mask(pm, 2, (6, 6), (12, 12))[3:9, 3:9], np.pad(np.ones((4, 4)), 1))
+
+
+def test_reference_upsampling_crops_to_the_resized_frame_and_uses_pillows_default_filter():
+    pm = np.array([[0, 1, 0], [1, 1, 0]], bool)
+    # 2x3 patches of 4 px, resized image 7x10: the last row and two columns are padding
+    up = upsample_patch_mask_reference(pm, 4, (7, 10), (7, 10))
+    assert np.array_equal(up, np.kron(pm, np.ones((4, 4), bool))[:7, :10])  # same size: no resize
+    full = Image.fromarray(np.kron(pm, np.full((4, 4), 255, np.uint8))[:7, :10])
+    # the authors call Image.resize without a filter: bicubic for a mode-L image (Pillow >= 7)
+    assert np.array_equal(upsample_patch_mask_reference(pm, 4, (7, 10), (15, 21)),
+                          np.asarray(full.resize((21, 15))) > 0)
+
+
+def test_reference_input_is_torchvisions_transform_then_zero_padding():
+    from torchvision import transforms
+
+    rgb = np.random.default_rng(2).integers(0, 256, (333, 499, 3), dtype=np.uint8)
+    tv = transforms.Compose([transforms.Resize(64), transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    expected = tv(Image.fromarray(rgb))
+    x = image_tensor(rgb, 64, 16, "reference")
+    assert expected.shape == (3, 64, 95) and x.shape == (3, 64, 96)
+    assert torch.equal(x[:, :, :95], expected) and not x[:, :, 95:].any()
+    with pytest.raises(ValueError, match="mining.preprocess"):
+        image_tensor(rgb, 64, 16, "exact")
+
+
+def test_batching_uses_the_size_rule_of_the_preprocessing():
+    # 64 * 252 / 200 = 80.64: torchvision truncates to 80 (5 patches), ours rounds to 81 (6 patches)
+    assert padded_hw((200, 252), 64, 16, "reference") == (64, 80)
+    assert padded_hw((200, 252), 64, 16, "ours") == (64, 96)
+    sizes = [(200, 252), (64, 80), (200, 252)]
+    assert shape_order(sizes, 64, 16, "reference") == [0, 1, 2]  # one input size
+    assert shape_order(sizes, 64, 16, "ours") == [1, 0, 2]
+
+
 def _write_images(folder: Path, sizes):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,6 +269,29 @@ def test_mine_shard_writes_full_size_masks(tmp_path):
         assert it.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert it.patch_mask.reshape(-1)[it.seed]
     assert not list(tmp_path.glob(".shard*"))  # no temporary file left behind
+
+
+def test_mine_shard_with_reference_preprocessing(tmp_path, monkeypatch):
+    from maskdistill import mining
+    from maskdistill.images import torchvision_resized_hw
+
+    _write_images(tmp_path / "imgs", [(40, 57), (33, 20)])  # 48 * 57 / 40 = 68.4 -> 68
+    records = list_image_folder(tmp_path / "imgs")
+    made = []
+    create = mining.create_vit
+    monkeypatch.setattr(mining, "create_vit", lambda *a, **kw: made.append(kw) or create(*a, **kw))
+    cfg = section_settings("mining", {"backbone": {"name": "vit_tiny_patch16_224"}, "short_side": 48,
+                                      "preprocess": "reference"})
+    out = tmp_path / "shard.h5"
+    assert mine_shard(records, out, cfg, torch.device("cpu"))["images"] == 2
+    assert made == [{"pos_embed": "dino"}]
+    items = {it.key: it for it in read_mask_shard(out)}
+    # inputs 48x68 -> padded 48x80 (3x5 patches); 79x48 -> 80x48 (5x3 patches)
+    for key, hw, grid in (("img0", (40, 57), (3, 5)), ("img1", (33, 20), (5, 3))):
+        it = items[key]
+        assert it.mask.shape == hw and it.patch_mask.shape == grid
+        resized = torchvision_resized_hw(*hw, 48)
+        assert np.array_equal(it.mask, upsample_patch_mask_reference(it.patch_mask, 16, resized, hw))
 
 
 def test_mixed_sizes_are_mined_in_full_batches_with_the_masks_of_batch_size_one(tmp_path, monkeypatch):
@@ -284,7 +356,7 @@ def test_decoding_runs_a_bounded_number_of_images_ahead(monkeypatch):
     from maskdistill.images import ImageRecord
 
     started = []
-    monkeypatch.setattr(mining, "_decode", lambda r, s, p: started.append(r.key) or r.key)
+    monkeypatch.setattr(mining, "_decode", lambda r, *args: started.append(r.key) or r.key)
     records = [ImageRecord(key=f"k{i}", path=Path(f"k{i}.png")) for i in range(50)]
     with ThreadPoolExecutor(2) as pool:
         stream = mining._prefetch(pool, records, 32, 16, ahead=4)
