@@ -276,6 +276,8 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("mining", "seed_from"): "affinity",
                                           ("clustering", "decode_threads"): 1,
                                           ("precision",): "fp32",
+                                          ("detector", "architecture"): "fpn",
+                                          ("detector", "batchnorm"): "auto",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}
 
