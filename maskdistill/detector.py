@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -164,7 +164,8 @@ def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = T
 
 def mixed_precision_modules(model: GeneralizedRCNN) -> tuple[nn.Module, ...]:
     """The parts of Mask R-CNN that run under autocast with mixed precision: the ResNet trunk (with
-    the FPN), the RPN head and the box and mask heads (C4: res5 and the identity). The box predictor, box decoding and the losses stay in float32
+    the FPN), the RPN head and the box and mask heads (C4: res5 and the identity). The box
+    predictor, box decoding and the losses stay in float32
     (bfloat16 box coordinates would be off by pixels)."""
     return (model.backbone, model.rpn.head, model.roi_heads.box_head, model.roi_heads.mask_head)
 
@@ -374,8 +375,11 @@ class TorchvisionMaskRCNN:
         """The trained model (eval mode, on the device, at ``test_min_size``) and its file."""
         saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
         # architecture from the trained model; inference settings from the current config
-        arch = dataclasses.replace(stored_settings("detector", saved["cfg"]),
-                                   **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
+        stored = stored_settings("detector", saved["cfg"])
+        if stored.backend != "torchvision":
+            raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
+                             "'detector.backend' is 'torchvision'")
+        arch = dataclasses.replace(stored, **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
         model = build_model(arch, saved["num_classes"], load_pretrained=False)
         model.load_state_dict(saved["state_dict"])
         model.transform.min_size = (self.s.test_min_size,)
@@ -445,7 +449,15 @@ def _annotations(out: dict[str, torch.Tensor], image_id: int,
     return anns
 
 
-BACKENDS: dict[str, type] = {"torchvision": TorchvisionMaskRCNN}
+def _detectron2(s: DetectorSettings, device: torch.device, precision: str) -> DetectorBackend:
+    """detectron2's Mask R-CNN (imported only now: the package works without detectron2)."""
+    from maskdistill.detectron2_backend import Detectron2MaskRCNN
+
+    return Detectron2MaskRCNN(s, device, precision)
+
+
+BACKENDS: dict[str, Callable[[DetectorSettings, torch.device, str], DetectorBackend]] = {
+    "torchvision": TorchvisionMaskRCNN, "detectron2": _detectron2}
 
 
 def get_backend(s: DetectorSettings, device: torch.device | str, precision: str = "fp32") -> DetectorBackend:
