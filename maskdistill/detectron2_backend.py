@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,10 @@ def norm_name(s: DetectorSettings) -> str:
 
 def build_config(s: DetectorSettings, num_classes: int, *, device: str = "cpu",
                  steps_per_epoch: int = 1, output_dir: str = "", train_dataset: str | None = None,
-                 precision: str = "fp32") -> Any:
-    """A detectron2 CfgNode from our settings; ``num_classes`` counts the foreground classes and
-    ``steps_per_epoch`` turns our epochs into detectron2's iterations."""
+                 precision: str = "fp32", overrides: Sequence[str] = ()) -> Any:
+    """A detectron2 CfgNode from our settings; ``num_classes`` counts the foreground classes,
+    ``steps_per_epoch`` turns our epochs into detectron2's iterations and ``overrides`` (detectron2's
+    ``KEY VALUE ...`` list) is applied last."""
     from detectron2.config import get_cfg
 
     if s.backbone != "resnet50":
@@ -133,6 +135,7 @@ def build_config(s: DetectorSettings, num_classes: int, *, device: str = "cpu",
     cfg.TEST.EVAL_PERIOD = 0
     cfg.SEED = s.seed
     cfg.OUTPUT_DIR = output_dir
+    cfg.merge_from_list(list(overrides))
     return cfg
 
 
@@ -207,9 +210,13 @@ def _local_process_group() -> None:
 class Detectron2MaskRCNN:
     """detectron2's Mask R-CNN behind our :class:`~maskdistill.detector.DetectorBackend` interface."""
 
-    def __init__(self, s: DetectorSettings, device: torch.device | str, precision: str = "fp32"):
+    def __init__(self, s: DetectorSettings, device: torch.device | str, precision: str = "fp32",
+                 overrides: Sequence[str] = ()):
+        """``overrides``: detectron2 config options (``KEY VALUE ...``) applied over our settings in
+        training and prediction (e.g. a narrower ResNet for tests)."""
         require_detectron2()
         self.s = s
+        self.overrides = tuple(overrides)
         self.device = torch.device(device)
         self.precision = precision
 
@@ -229,7 +236,7 @@ class Detectron2MaskRCNN:
         cfg = build_config(s, len(dataset.categories), device=str(self.device),
                            steps_per_epoch=steps_per_epoch, output_dir=str(checkpoint_dir),
                            train_dataset=register_dataset(Path(train_json), Path(images_root)),
-                           precision=self.precision)
+                           precision=self.precision, overrides=self.overrides)
         if s.pretrained_backbone:
             cfg.MODEL.WEIGHTS = str(self._init_weights(checkpoint_dir))
         _local_process_group()
@@ -270,7 +277,7 @@ class Detectron2MaskRCNN:
             raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
                              "'detector.backend' is 'detectron2'")
         arch = dataclasses.replace(stored, **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
-        cfg = build_config(arch, len(saved["categories"]), device=str(self.device))
+        cfg = build_config(arch, len(saved["categories"]), device=str(self.device), overrides=self.overrides)
         model = build_detectron2_model(cfg)
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved, cfg

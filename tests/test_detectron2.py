@@ -25,10 +25,16 @@ if importlib.util.find_spec("detectron2") is None:
     pytest.skip("detectron2 is not installed", allow_module_level=True)
 
 from maskdistill.detectron2_backend import (  # noqa: E402
+    Detectron2MaskRCNN,
     build_config,
     detectron2_backbone_state,
     instances_output,
 )
+
+# a ResNet-50 of 1/8 width (res5: 256 channels) and few test proposals keep the CPU run short
+NARROW = ("MODEL.RESNETS.STEM_OUT_CHANNELS", 8, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
+          "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+          "MODEL.RPN.PRE_NMS_TOPK_TEST", 100)
 
 
 def d2_settings(**over):
@@ -102,18 +108,19 @@ def test_instances_become_our_output_dict():
 
 
 def test_tiny_train_and_predict_write_our_format(tmp_path):
-    """Two iterations of R50-C4 on 64 px images: the model file loads, and predictions carry the
-    torchvision backend's keys with masks at the original image size."""
+    """Two iterations of a narrow R50-C4 on 64 px images: the model file loads, and predictions carry
+    the torchvision backend's keys with masks at the original image size."""
     train_json = make_dataset(tmp_path, n=2)
     s = d2_settings(train_min_size=[48, 64], test_min_size=64, max_size=96, epochs=2, batch_size=2,
                     lr_drop_epochs=[100], warmup_iters=1, num_workers=0, gpus=1, score_threshold=0.0,
                     detections_per_image=7, rpn_batch_size_per_image=32, roi_batch_size_per_image=32)
-    backend = get_backend(s, "cpu")
+    backend = Detectron2MaskRCNN(s, "cpu", overrides=NARROW)
+    assert isinstance(get_backend(s, "cpu"), Detectron2MaskRCNN)
     backend.train(train_json, tmp_path / "images", tmp_path / "ckpt", tmp_path / "model.pt")
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["steps"] == 2 and [c["id"] for c in saved["categories"]] == [1, 2]
     assert saved["cfg"]["backend"] == "detectron2"
-    assert "roi_heads.res5.0.conv1.weight" in saved["state_dict"]
+    assert saved["state_dict"]["roi_heads.res5.0.conv1.weight"].shape == (64, 128, 1, 1)
     records = list_image_folder(tmp_path / "images")[:2]
     backend.predict(tmp_path / "model.pt", records, tmp_path / "pred.json")
     data = read_json(tmp_path / "pred.json")
