@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,8 +204,7 @@ def _local_process_group() -> None:
     from detectron2.utils import comm
 
     if dist.is_available() and dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None:
-        comm.create_local_process_group(torch.cuda.device_count() if torch.cuda.is_available()
-                                        else dist.get_world_size())
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
 
 
 class Detectron2MaskRCNN:
