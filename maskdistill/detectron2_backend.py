@@ -243,8 +243,14 @@ class Detectron2MaskRCNN:
         seed_all_rng(s.seed + distributed.world().rank)
 
         class Trainer(DefaultTrainer):
-            def build_hooks(self) -> list[Any]:  # no evaluation: later rules evaluate
-                return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+            def build_hooks(self) -> list[Any]:
+                """detectron2's hooks without evaluation (later rules evaluate), keeping only the
+                latest periodic checkpoint (enough to resume)."""
+                kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+                for h in kept:
+                    if isinstance(h, hooks.PeriodicCheckpointer):
+                        h.max_to_keep = 1
+                return kept
 
         log.info("detector (detectron2): %d training images, %d classes, %d iterations",
                  len(dataset), len(dataset.categories), cfg.SOLVER.MAX_ITER)

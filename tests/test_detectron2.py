@@ -73,12 +73,16 @@ def test_settings_detectron2_cannot_build_are_named():
         build_config(d2_settings(), 2, precision="bf16")
 
 
-def test_torchvision_weights_fill_detectron2_resnet():
+def test_torchvision_weights_fill_detectron2_resnet(tmp_path):
     """Every weight of a torchvision ResNet-50 lands on a detectron2 R50-C4 parameter of its shape
-    (res5 in the ROI heads), and every backbone and res5 tensor of the model gets one."""
+    (res5 in the ROI heads), every backbone and res5 tensor of the model gets one, and MoCo's file
+    reaches the model through the weights file detectron2's checkpointer loads."""
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    tv = torchvision.models.resnet50(weights=None).state_dict()
+    torch.manual_seed(0)
+    tv = {k: v + torch.rand_like(v) if "running_var" in k else v
+          for k, v in torchvision.models.resnet50(weights=None).state_dict().items()}
     model = build_model(build_config(d2_settings(batchnorm="frozen", gpus=1), 2))
     target = model.state_dict()
     renamed = detectron2_backbone_state(tv, "c4")
@@ -89,9 +93,12 @@ def test_torchvision_weights_fill_detectron2_resnet():
         assert target[key].shape == value.shape, key
     resnet_keys = {k for k in target if k.startswith(("backbone.", "roi_heads.res5."))}
     assert resnet_keys == set(renamed)
-    incompatible = model.load_state_dict(renamed, strict=False)
-    assert not incompatible.unexpected_keys
+    moco = tmp_path / "moco.pth"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in tv.items()}}, moco)
+    backend = Detectron2MaskRCNN(d2_settings(pretrained_backbone=str(moco)), "cpu")
+    DetectionCheckpointer(model).load(str(backend._init_weights(tmp_path)))
     assert torch.equal(model.roi_heads.res5[0].conv2.weight, tv["layer4.0.conv2.weight"])
+    assert torch.equal(model.backbone.res3[1].conv1.norm.running_var, tv["layer2.1.bn1.running_var"])
 
 
 def test_instances_become_our_output_dict():
