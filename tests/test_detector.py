@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,11 @@ def test_fpn_default_builds_as_before():
     model = build_model(tiny_cfg(), num_classes=3)
     assert type(model).__name__ == "MaskRCNN" and len(model.backbone.fpn.inner_blocks) == 4
     assert not norms(model, torchvision.ops.misc.FrozenBatchNorm2d)
+
+
+def test_detectron2_backend_without_detectron2_says_how_to_install(monkeypatch):
+    """The package imports detectron2 only when the backend is chosen; missing, it names the key
+    and the install command."""
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # import detectron2 -> ImportError
+    with pytest.raises(ImportError, match=r"detector\.backend.*no-build-isolation.*detectron2\.git"):
+        get_backend(section_settings("detector", {"backend": "detectron2"}), "cpu")
