@@ -378,11 +378,13 @@ def test_batchnorm_modes(tmp_path):
 
 
 def test_fpn_default_builds_as_before():
-    """The defaults (fpn, batchnorm auto) build today's model: same parameters, same initial values."""
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg(), num_classes=3)
+    """The defaults (fpn, batchnorm auto) build the earlier model: torchvision's MaskRCNN on an FPN,
+    trainable BatchNorm2d without weights, stem and res2 frozen with trainable_layers 3."""
+    model = build_model(tiny_cfg(trainable_layers=3), num_classes=3)
     assert type(model).__name__ == "MaskRCNN" and len(model.backbone.fpn.inner_blocks) == 4
     assert not norms(model, torchvision.ops.misc.FrozenBatchNorm2d)
+    frozen = {n.split(".")[2] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
 
 
 def test_detectron2_backend_without_detectron2_says_how_to_install(monkeypatch):
