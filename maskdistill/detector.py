@@ -1,8 +1,9 @@
 """Stage 2: train an instance segmentation model on the clustered pseudo-labels, then predict.
 
 The paper used detectron2's R50-C4 Mask R-CNN; here the detector sits behind the small
-:class:`DetectorBackend` interface with a torchvision Mask R-CNN (ResNet-FPN) implementation, so
-another backend (e.g. detectron2) can be registered in :data:`BACKENDS`.
+:class:`DetectorBackend` interface: a torchvision Mask R-CNN (ResNet-FPN, or ResNet-C4 from
+:mod:`maskdistill.maskrcnn_c4`) and detectron2 itself (:mod:`maskdistill.detectron2_backend`,
+imported only when selected), both registered in :data:`BACKENDS`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -29,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from maskdistill import distributed
 from maskdistill.backbone import load_resnet_weights
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
+from maskdistill.maskrcnn_c4 import build_c4_model, convert_batchnorm
 from maskdistill.settings import DetectorSettings, as_config, stored_settings
 from maskdistill.storage import decode_segmentation, encode_rle, read_json, write_json
 from maskdistill.training import (
@@ -68,56 +71,87 @@ class DetectorBackend(Protocol):
 # ---------------------------------------------------------------- model
 
 
-def _fpn_backbone(resnet: nn.Module, trainable_layers: int, channels: int) -> BackboneWithFPN:
-    """ResNet trunk with its first ``5 - trainable_layers`` stages frozen, under an FPN."""
-    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        train.append("bn1")
-    for name, param in resnet.named_parameters():
-        if not name.startswith(tuple(train)):
-            param.requires_grad_(False)
+def _fpn_backbone(resnet: nn.Module, channels: int) -> BackboneWithFPN:
+    """ResNet trunk (stages already frozen as configured) under an FPN."""
     width = resnet.inplanes // 8  # channels of layer1's output
     return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)},
                            [width * 2 ** (i - 1) for i in range(1, 5)], channels,
                            extra_blocks=LastLevelMaxPool())
 
 
-def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = True) -> MaskRCNN:
-    """Mask R-CNN with a ResNet-FPN backbone as configured (``num_classes`` includes background).
+ARCHITECTURES = ("fpn", "c4")
+BATCHNORM = ("auto", "frozen", "train")
+STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # stem, res2-res5
 
-    With ``pretrained_backbone`` set, batch norm is frozen (as with detectron2's R50 weights) and
-    the weights are loaded when ``load_pretrained``; from scratch, ordinary batch norm is used.
+
+def _resnet(s: DetectorSettings, load_pretrained: bool) -> nn.Module:
+    """The configured torchvision ResNet with its batch norm mode (``s.batchnorm``), weights loaded
+    from ``s.pretrained_backbone`` when ``load_pretrained``, and its first ``5 - trainable_layers``
+    stages frozen; the frozen stages' batch norm is frozen in every mode but ``auto``.
+
+    ``auto`` is frozen BN with pretrained weights, else trainable BN; ``train`` loads the weights
+    into frozen BN and turns the norms of the trained stages into BatchNorm2d with those values
+    (under DistributedDataParallel, :func:`maskdistill.training.fit` makes them SyncBatchNorm).
     """
     name = s.backbone
     if name not in BACKBONES:
         raise ValueError(f"config key 'detector.backbone': unknown '{name}', choose from {BACKBONES}")
-    pretrained = s.pretrained_backbone
-    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    # zero-initialised residual branches keep activations bounded when training from scratch
-    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm,
-                                               zero_init_residual=True)
-    if pretrained and load_pretrained:
-        load_resnet_weights(resnet, pretrained)
-        log.info("backbone %s initialised from %s", name, pretrained)
+    if s.batchnorm not in BATCHNORM:
+        raise ValueError(f"config key 'detector.batchnorm': unknown '{s.batchnorm}', choose from {BATCHNORM}")
     layers = s.trainable_layers
     if not 0 <= layers <= 5:
         raise ValueError(f"config key 'detector.trainable_layers': {layers} outside 0..5")
+    pretrained = s.pretrained_backbone
+    frozen_bn = s.batchnorm != "auto" or bool(pretrained)
+    # zero-initialised residual branches keep activations bounded when training from scratch
+    resnet = getattr(torchvision.models, name)(
+        weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+        zero_init_residual=True)
+    if pretrained and load_pretrained:
+        load_resnet_weights(resnet, pretrained)
+        log.info("backbone %s initialised from %s", name, pretrained)
     if layers < 5 and not pretrained and load_pretrained:
         log.warning("detector: trainable_layers=%d freezes randomly initialised backbone stages "
                     "(no pretrained_backbone given)", layers)
-    ch = s.fpn_channels
-    model = MaskRCNN(
-        _fpn_backbone(resnet, layers, ch), num_classes=None, min_size=(s.train_min_size[0],),
-        max_size=s.max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        box_score_thresh=s.score_threshold,
-        box_detections_per_img=s.detections_per_image,
-        rpn_batch_size_per_image=s.rpn_batch_size_per_image,
-        box_batch_size_per_image=s.roi_batch_size_per_image,
-        box_head=TwoMLPHead(ch * 7 * 7, s.box_head_dim),
-        box_predictor=FastRCNNPredictor(s.box_head_dim, num_classes),
-        mask_head=MaskRCNNHeads(ch, [ch] * s.mask_head_convs, 1),
-        mask_predictor=MaskRCNNPredictor(ch, ch, num_classes),
-    )
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:layers]
+    if layers == 5:
+        train.append("bn1")
+    if s.batchnorm == "train":
+        for stage in train:
+            setattr(resnet, stage, convert_batchnorm(getattr(resnet, stage), train=True))
+    for pname, param in resnet.named_parameters():
+        if not pname.startswith(tuple(train)):
+            param.requires_grad_(False)
+    return resnet
+
+
+def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = True) -> GeneralizedRCNN:
+    """Mask R-CNN as configured (``num_classes`` includes background): ResNet-FPN or ResNet-C4
+    (``s.architecture``), batch norm as :func:`_resnet` describes."""
+    if s.architecture not in ARCHITECTURES:
+        raise ValueError(f"config key 'detector.architecture': unknown '{s.architecture}', "
+                         f"choose from {ARCHITECTURES}")
+    resnet = _resnet(s, load_pretrained)
+    sizes = dict(min_size=(s.train_min_size[0],), max_size=s.max_size, image_mean=list(IMAGENET_MEAN),
+                 image_std=list(IMAGENET_STD))
+    if s.architecture == "c4":
+        model = build_c4_model(
+            resnet, num_classes, **sizes, score_thresh=s.score_threshold,
+            detections_per_img=s.detections_per_image, rpn_batch_size_per_image=s.rpn_batch_size_per_image,
+            roi_batch_size_per_image=s.roi_batch_size_per_image)
+    else:
+        ch = s.fpn_channels
+        model = MaskRCNN(
+            _fpn_backbone(resnet, ch), num_classes=None, **sizes,
+            box_score_thresh=s.score_threshold,
+            box_detections_per_img=s.detections_per_image,
+            rpn_batch_size_per_image=s.rpn_batch_size_per_image,
+            box_batch_size_per_image=s.roi_batch_size_per_image,
+            box_head=TwoMLPHead(ch * 7 * 7, s.box_head_dim),
+            box_predictor=FastRCNNPredictor(s.box_head_dim, num_classes),
+            mask_head=MaskRCNNHeads(ch, [ch] * s.mask_head_convs, 1),
+            mask_predictor=MaskRCNNPredictor(ch, ch, num_classes),
+        )
     # detectron2-style small init of the mask logits: torchvision's kaiming init (fan_out =
     # num_classes) gives huge initial logits and diverges when training from scratch
     logits = model.roi_heads.mask_predictor.mask_fcn_logits
@@ -128,9 +162,10 @@ def build_model(s: DetectorSettings, num_classes: int, load_pretrained: bool = T
     return model
 
 
-def mixed_precision_modules(model: MaskRCNN) -> tuple[nn.Module, ...]:
-    """The parts of Mask R-CNN that run under autocast with mixed precision: the ResNet-FPN, the RPN
-    head and the box and mask heads. The box predictor, box decoding and the losses stay in float32
+def mixed_precision_modules(model: GeneralizedRCNN) -> tuple[nn.Module, ...]:
+    """The parts of Mask R-CNN that run under autocast with mixed precision: the ResNet trunk (with
+    the FPN), the RPN head and the box and mask heads (C4: res5 and the identity). The box
+    predictor, box decoding and the losses stay in float32
     (bfloat16 box coordinates would be off by pixels)."""
     return (model.backbone, model.rpn.head, model.roi_heads.box_head, model.roi_heads.mask_head)
 
@@ -165,7 +200,7 @@ class ImageSeededSampler(BalancedPositiveNegativeSampler):
         return pos_masks, neg_masks
 
 
-def seed_samplers(model: MaskRCNN, seed: int, step: int, images: Sequence[int]) -> None:
+def seed_samplers(model: GeneralizedRCNN, seed: int, step: int, images: Sequence[int]) -> None:
     """Seed the RPN's and the box head's samplers for one training step of dataset ``images``."""
     seeds = [int(np.random.SeedSequence([seed % 2**32, step, int(i)]).generate_state(1, np.uint64)[0] >> 1)
              for i in images]
@@ -267,7 +302,7 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: Sequenc
 
 
 class TorchvisionMaskRCNN:
-    """torchvision Mask R-CNN with a ResNet-FPN backbone."""
+    """torchvision Mask R-CNN, ResNet-FPN or ResNet-C4 (``detector.architecture``)."""
 
     def __init__(self, s: DetectorSettings, device: torch.device | str, precision: str = "fp32"):
         self.s = s
@@ -319,7 +354,7 @@ class TorchvisionMaskRCNN:
         return zip(loader, [sizes[i] for i, _, _ in shares], [f for _, _, f in shares],
                    [[index for index, _ in share] for _, share, _ in shares], strict=True)
 
-    def _loss(self, model: MaskRCNN, net: nn.Module, batch: tuple[Any, int, float, list[int]],
+    def _loss(self, model: GeneralizedRCNN, net: nn.Module, batch: tuple[Any, int, float, list[int]],
               step: int) -> Losses:
         """Mask R-CNN's summed losses on one batch (``net`` is ``model`` or its DDP wrapper), and
         each loss to log (plus ``total``); a share of a batch contributes its losses weighed by its
@@ -336,12 +371,15 @@ class TorchvisionMaskRCNN:
         values = {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}
         return total, values
 
-    def load(self, model_path: Path) -> tuple[MaskRCNN, dict[str, Any]]:
+    def load(self, model_path: Path) -> tuple[GeneralizedRCNN, dict[str, Any]]:
         """The trained model (eval mode, on the device, at ``test_min_size``) and its file."""
         saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
         # architecture from the trained model; inference settings from the current config
-        arch = dataclasses.replace(stored_settings("detector", saved["cfg"]),
-                                   **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
+        stored = stored_settings("detector", saved["cfg"])
+        if stored.backend != "torchvision":
+            raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
+                             "'detector.backend' is 'torchvision'")
+        arch = dataclasses.replace(stored, **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
         model = build_model(arch, saved["num_classes"], load_pretrained=False)
         model.load_state_dict(saved["state_dict"])
         model.transform.min_size = (self.s.test_min_size,)
@@ -411,7 +449,15 @@ def _annotations(out: dict[str, torch.Tensor], image_id: int,
     return anns
 
 
-BACKENDS: dict[str, type] = {"torchvision": TorchvisionMaskRCNN}
+def _detectron2(s: DetectorSettings, device: torch.device, precision: str) -> DetectorBackend:
+    """detectron2's Mask R-CNN (imported only now: the package works without detectron2)."""
+    from maskdistill.detectron2_backend import Detectron2MaskRCNN
+
+    return Detectron2MaskRCNN(s, device, precision)
+
+
+BACKENDS: dict[str, Callable[[DetectorSettings, torch.device, str], DetectorBackend]] = {
+    "torchvision": TorchvisionMaskRCNN, "detectron2": _detectron2}
 
 
 def get_backend(s: DetectorSettings, device: torch.device | str, precision: str = "fp32") -> DetectorBackend:

@@ -371,6 +371,8 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("linear_probe", "rotation_degrees"): 0,
                                           ("linear_probe", "transform"): "crop",
                                           ("linear_probe", "head_init"): "default",
+                                          ("detector", "architecture"): "fpn",
+                                          ("detector", "batchnorm"): "auto",
                                           **{(section, "gpus"): 1 for section in
                                              ("pretrain", "detector", "segmentation", "linear_probe")}}
 

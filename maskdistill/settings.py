@@ -174,6 +174,8 @@ class SgdSettings:
 @dataclass(frozen=True)
 class DetectorSettings(SgdSettings):
     backend: str
+    architecture: str
+    batchnorm: str
     backbone: str
     pretrained_backbone: str | None
     trainable_layers: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from maskdistill.detector import (
     epoch_plan,
     get_backend,
     lr_factor,
+    seed_samplers,
 )
 from maskdistill.images import ImageRecord
 from maskdistill.settings import DetectorSettings, section_settings
@@ -254,3 +256,140 @@ def test_checkpoint_of_another_class_count_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match="num_classes=3"):
         backend.train(tmp_path / "train3.json", root / "images", tmp_path / "ckpt", tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+# ---------------------------------------------------------------- ResNet-C4 and batch norm modes
+
+
+def c4_model(**over):
+    s = tiny_cfg(architecture="c4", detections_per_image=3, roi_batch_size_per_image=16,
+                 rpn_batch_size_per_image=16, **over)
+    return build_model(s, num_classes=3)
+
+
+def one_target() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    masks = torch.zeros(1, 64, 96, dtype=torch.uint8)
+    masks[0, 10:40, 20:60] = 1
+    return [torch.rand(3, 64, 96)], [{"boxes": torch.tensor([[20.0, 10.0, 60.0, 40.0]]),
+                                      "labels": torch.tensor([2]), "masks": masks}]
+
+
+def test_c4_layout_is_detectron2s_base_rcnn_c4():
+    """RPN on one stride-16 map (15 anchors per position), 14x14 aligned ROIAlign, res5 as box head
+    (stride 2: 7x7), masks 14x14 from res5 features (deconv 2x2 then 1x1 per class)."""
+    model = c4_model().eval()
+    feats = model.backbone(torch.zeros(1, 3, 64, 96))
+    assert feats.shape == (1, 256, 4, 6)  # resnet18's res4: 256 channels at stride 16
+    assert model.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)
+    assert model.rpn.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),)
+    assert model.rpn.head.cls_logits.out_channels == 15
+    assert model.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
+    heads = model.roi_heads
+    assert heads.box_head(torch.zeros(2, 256, 14, 14)).shape == (2, 512, 7, 7)
+    assert heads.mask_predictor(torch.zeros(2, 512, 7, 7)).shape == (2, 3, 14, 14)
+    # a feature map equal to its column index: bin centres of box x 0..64 at stride 16, half-pixel
+    # aligned, sit at -0.5 + (k + 0.5) * 4 / 14 (values below 0 read column 0)
+    column = torch.arange(6.0).expand(1, 1, 4, 6)
+    pooled = heads.box_roi_pool({"0": column}, [torch.tensor([[0.0, 0.0, 64.0, 64.0]])], [(64, 96)])
+    expected = (-0.5 + (torch.arange(14) + 0.5) * 4 / 14).clamp(min=0)
+    assert pooled.shape == (1, 1, 14, 14)
+    assert torch.allclose(pooled[0, 0, 5], expected, atol=1e-5)
+
+
+def test_c4_prediction_on_a_blank_image_keeps_at_most_detections_per_image():
+    model = c4_model(score_threshold=0.0).eval()
+    with torch.no_grad():
+        out = model([torch.zeros(3, 64, 96)])[0]
+    n = len(out["boxes"])
+    assert 0 < n <= 3
+    assert out["masks"].shape == (n, 1, 64, 96) and out["labels"].shape == out["scores"].shape == (n,)
+    assert (out["boxes"][:, 2] <= 96).all() and (out["boxes"][:, 3] <= 64).all()
+
+
+def test_c4_mask_head_reads_the_box_branch_res5_features_of_the_positive_proposals():
+    model = c4_model().train()
+    heads = model.roi_heads
+    seed_samplers(model, 0, 0, [0])
+    seen: dict[str, list] = {"res5": [], "mask_in": [], "labels": []}
+    heads.box_head.register_forward_hook(lambda m, i, o: seen["res5"].append(o))
+    heads.mask_predictor.register_forward_pre_hook(lambda m, i: seen["mask_in"].append(i[0]))
+    select = heads.select_training_samples
+
+    def spy(proposals, targets):
+        out = select(proposals, targets)
+        seen["labels"].append(torch.cat(out[2]))
+        return out
+
+    heads.select_training_samples = spy
+    images, targets = one_target()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                           "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert len(seen["res5"]) == 1  # res5 runs once; the mask branch reuses its output
+    positive = seen["labels"][0] > 0
+    assert 0 < int(positive.sum()) == len(seen["mask_in"][0])
+    assert torch.equal(seen["mask_in"][0], seen["res5"][0][positive])
+
+
+def norms(module: torch.nn.Module, kind: type) -> list[str]:
+    return [name for name, m in module.named_modules() if type(m) is kind]
+
+
+def test_batchnorm_modes(tmp_path):
+    """frozen: FrozenBatchNorm2d everywhere; train: the trained stages get BatchNorm2d holding the
+    file's values, whose statistics and affine move in a training step, while the frozen stages
+    (stem, res2) keep frozen BN; auto is today's choice (frozen with weights, trained without)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from maskdistill import distributed
+
+    torch.manual_seed(2)
+    src = torchvision.models.resnet18(weights=None).state_dict()
+    src = {k: v + torch.rand_like(v) if "running_var" in k else v for k, v in src.items()}
+    path = tmp_path / "r18.pth"
+    torch.save(src, path)
+    assert not norms(c4_model(batchnorm="frozen"), torch.nn.BatchNorm2d)
+    assert not norms(c4_model(batchnorm="auto", pretrained_backbone=str(path)), torch.nn.BatchNorm2d)
+    assert not norms(c4_model(batchnorm="auto"), FrozenBatchNorm2d)
+    model = c4_model(batchnorm="train", pretrained_backbone=str(path), trainable_layers=3)
+    trained = norms(model, torch.nn.BatchNorm2d)
+    assert {n.split(".")[1] for n in trained} == {"layer2", "layer3", "box_head"}  # res5 = box head
+    assert set(norms(model, FrozenBatchNorm2d)) == {"backbone.bn1"} | {
+        f"backbone.layer1.{b}.bn{i}" for b in (0, 1) for i in (1, 2)}
+    bn3 = model.backbone.layer3[0].bn1
+    assert torch.equal(bn3.running_var, src["layer3.0.bn1.running_var"]) and bn3.weight.requires_grad
+    stem = model.backbone.bn1
+    before = {n: t.clone() for n, t in [("l3_mean", bn3.running_mean), ("l3_w", bn3.weight),
+                                        ("stem_mean", stem.running_mean), ("stem_w", stem.weight)]}
+    model.train()
+    seed_samplers(model, 0, 0, [0])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(model(*one_target()).values()).backward()
+    optimizer.step()
+    assert not torch.equal(bn3.running_mean, before["l3_mean"])
+    assert not torch.equal(bn3.weight, before["l3_w"])
+    assert torch.equal(stem.running_mean, before["stem_mean"]) and torch.equal(stem.weight, before["stem_w"])
+    # several processes: exactly the trained BatchNorm2d layers become synchronised
+    synced = distributed.convert_sync_batchnorm(model, torch.device("cpu"))
+    assert norms(synced, distributed.CpuSyncBatchNorm) == trained
+    assert len(norms(synced, FrozenBatchNorm2d)) == 5
+
+
+def test_fpn_default_builds_as_before():
+    """The defaults (fpn, batchnorm auto) build the earlier model: torchvision's MaskRCNN on an FPN,
+    trainable BatchNorm2d without weights, stem and res2 frozen with trainable_layers 3."""
+    model = build_model(tiny_cfg(trainable_layers=3), num_classes=3)
+    assert type(model).__name__ == "MaskRCNN" and len(model.backbone.fpn.inner_blocks) == 4
+    assert not norms(model, torchvision.ops.misc.FrozenBatchNorm2d)
+    frozen = {n.split(".")[2] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
+
+
+def test_detectron2_backend_without_detectron2_says_how_to_install(monkeypatch):
+    """The package imports detectron2 only when the backend is chosen; missing, it names the key
+    and the install command."""
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # import detectron2 -> ImportError
+    with pytest.raises(ImportError, match=r"detector\.backend.*no-build-isolation.*detectron2\.git"):
+        get_backend(section_settings("detector", {"backend": "detectron2"}), "cpu")
