@@ -10,7 +10,6 @@ whitened per dimension (centred or not, ``clustering.center``) and L2-normalised
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -97,7 +96,8 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
     """
     check_precision(precision, device)
     bb = s.backbone
-    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file, **_pos_embed_option(s.crop))
+    model = create_vit(bb.name, bb.pretrained, bb.checkpoint, weights_file,
+                       pos_embed="dino" if s.crop == "native" else "timm")
     model = model.to(device)
     patch = patch_size(model)
     items = read_mask_shard(mask_shard)
@@ -119,22 +119,6 @@ def describe_shard(mask_shard: Path, images_root: Path, out_path: Path, s: Clust
     log.info("described %d masks of %s in %d batches", len(items), mask_shard, len(batches))
     write_feature_shard(out_path, [it.key for it in items], features, bb.name)
     return len(items)
-
-
-def _pos_embed_option(crop: str) -> dict[str, str]:
-    """``pos_embed="dino"`` for native crops: the position embedding interpolated at any size as in
-    DINO, whose ViTs the authors' code uses.
-
-    TODO(i16 merge): ``create_vit`` gains ``pos_embed`` in the mining helper's branch; once merged,
-    pass ``pos_embed="dino" if crop == "native" else "timm"`` directly and delete this shim.
-    """
-    if crop != "native":
-        return {}
-    if "pos_embed" in inspect.signature(create_vit).parameters:
-        return {"pos_embed": "dino"}
-    log.warning("create_vit has no pos_embed option yet: native crops use timm's position-embedding "
-                "resampling")
-    return {}
 
 
 def box_crop_tensor(image: Path, box: list[float], s: ClusteringSettings, patch: int) -> torch.Tensor:

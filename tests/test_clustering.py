@@ -199,26 +199,12 @@ def test_native_crops_batched_by_size_get_the_features_they_get_one_at_a_time(tm
     (keys1, one), (keys3, three) = features[1], features[3]
     assert keys1 == keys3 == [f"im{i}" for i in range(7)]  # the shard's order, not the batches'
     np.testing.assert_allclose(three, one, rtol=1e-4, atol=1e-5)
-    model = create_vit("test_vit")
-    alone = cls_features(model, native_crop(read_rgb(tmp_path / "im3.png"), boxes[3], 16)[None])
+    crop = native_crop(read_rgb(tmp_path / "im3.png"), boxes[3], 16)[None]
+    alone = cls_features(create_vit("test_vit", pos_embed="dino"), crop)  # DINO's embedding rule
     np.testing.assert_allclose(one[3], alone[0].numpy(), rtol=1e-4, atol=1e-5)
+    timm_grid = cls_features(create_vit("test_vit"), crop)
+    assert np.abs(timm_grid[0].numpy() - one[3]).max() > 1e-4  # timm's exact-grid resampling differs
     assert np.abs(one[3] - one[0]).max() > 1e-3  # different crops, different features
-
-
-def test_native_crops_ask_for_dino_position_embeddings_when_create_vit_offers_them(monkeypatch):
-    from maskdistill import clustering
-
-    def with_option(name, pretrained=False, checkpoint=None, weights_file=None, pos_embed="timm"):
-        raise AssertionError("not called")
-
-    def without_option(name, pretrained=False, checkpoint=None, weights_file=None):
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(clustering, "create_vit", with_option)
-    assert clustering._pos_embed_option("native") == {"pos_embed": "dino"}
-    assert clustering._pos_embed_option("resize") == {}
-    monkeypatch.setattr(clustering, "create_vit", without_option)
-    assert clustering._pos_embed_option("native") == {}
 
 
 # ---------------------------------------------------------------- whitening and what K-means is fitted on
