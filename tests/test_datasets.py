@@ -334,6 +334,23 @@ def test_paper_configs_validate_with_the_paper_settings(name, k):
         0.2, 512, [0.75, 1.25], 5)
     assert seg["pretrained_backbone"] and cfg["detector"]["pretrained_backbone"]
     assert cfg["detector"]["trainable_layers"] == 3
+    # the authors' code, item by item (README "Paper settings")
+    assert cfg["mining"]["preprocess"] == "reference"
+    clu = cfg["clustering"]
+    assert (clu["crop"], clu["center"], clu["kmeans_batch_size"], clu["seed"], clu["n_init"]) == (
+        "native", False, 1000, 1234, 3)
+    assert clu["extra_images"]  # K-means also sees the VOC 2007 support set / all COCO images
+    det = cfg["detector"]
+    assert (det["backend"], det["architecture"], det["batchnorm"], det["detections_per_image"]) == (
+        "detectron2", "c4", "train", 100)
+    assert (det["train_min_size"], det["test_min_size"], det["warmup_iters"]) == ([480, 800], 800, 100)
+    assert (seg["transform"], seg["hard_pixel_count"]) == ("reference", "batch")
+    assert (cfg["crf"]["unary"], cfg["crf"]["channel_order"]) == ("probabilities", "bgr")
+    ev = cfg["evaluation"]
+    assert (ev["mapping"], ev["single_object"]) == ("masks", "reference")
+    assert ev["mask_ap_split"] == ("seg_trainval" if name == "voc.yaml" else "eval")
+    probe = cfg["linear_probe"]
+    assert (probe["transform"], probe["rotation_degrees"], probe["head_init"]) == ("reference", 5, "normal")
 
 
 @pytest.mark.parametrize("name", ["voc.yaml", "coco20k.yaml"])
@@ -380,23 +397,37 @@ def _dry_run(workdir: Path, config: str, override: dict) -> subprocess.Completed
 
 def test_voc_config_plans_the_full_dag_on_a_tiny_tree(tmp_path):
     voc = make_voc(tmp_path)
-    proc = _dry_run(tmp_path, "voc.yaml", {"dataset": {"num_shards": 2, "voc": {"root": str(voc)}}})
+    Image.new("RGB", (W, H)).save(voc / "JPEGImages" / "2012_999999.jpg")  # in no split list
+    voc2007 = _mkparent(tmp_path / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000001.jpg")
+    Image.new("RGB", (W, H)).save(voc2007)
+    extra = [str(voc / "JPEGImages"), str(voc2007.parent)]
+    proc = _dry_run(tmp_path, "voc.yaml", {"dataset": {"num_shards": 2, "voc": {"root": str(voc)}},
+                                           "clustering": {"extra_images": extra}})
     planned = planned_rules(proc)
-    assert FULL_DAG | {"voc_instances"} <= planned and "coco20k_instances" not in planned
+    assert FULL_DAG | {"voc_instances", "mask_ap", "crf_refine"} <= planned
+    assert "coco20k_instances" not in planned
     text = proc.stdout
     assert f"--gt-semantic {voc / 'SegmentationClass'}" in text and "--split val" in text
     assert "results/gt/voc_val.json" in text
+    # the authors' protocol: K-means also fitted on two extra folders, mask AP on the 2913-image
+    # segmentation trainval set, the CRF from the predictions' logits
+    assert "results/masks/extra0/shard-" in text and "results/features/extra1/shard-" in text
+    assert "--features-extra" in text
+    assert "results/gt/voc_trainval.json" in text and "predictions_seg_trainval.json" in text
+    assert "--logits results/segmentation/logits/val" in text
 
 
 def test_coco20k_config_plans_the_full_dag_on_a_tiny_tree(tmp_path):
     paths = make_coco(tmp_path)
-    override = {"dataset": {"num_shards": 2, "coco20k": {k: str(v) for k, v in paths.items()}}}
+    override = {"dataset": {"num_shards": 2, "coco20k": {k: str(v) for k, v in paths.items()}},
+                "clustering": {"extra_images": [str(paths["images"])]}}
     proc = _dry_run(tmp_path, "coco20k.yaml", override)
     planned = planned_rules(proc)
     assert FULL_DAG | {"coco20k_instances"} <= planned and "voc_instances" not in planned
     text = proc.stdout
     assert "--split train" in text and "--gt-semantic" not in text
     assert "segmentation/predictions/val" not in text and "pseudo_labels/val" not in text
+    assert "results/masks/extra0/shard-" in text  # the train2014 images outside COCO20k, for K-means
 
 
 def test_evaluate_scores_voc_val_against_segmentation_class_pngs(tmp_path):
