@@ -4,6 +4,7 @@ runs), and the config reference in docs/ is the one the schema generates."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -136,6 +137,14 @@ def test_every_readme_command_works(command, user_folder):
             proc = subprocess.run([PY, "-m", "maskdistill.cli", *args[1:]], cwd=user_folder, env=run_env(),
                                   capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
+    elif args[:2] == ["python", "-c"]:  # a check the README gives, e.g. that detectron2's ops load
+        compile(args[2], command, "exec")
+        module = re.match(r"import (\w+)", args[2])
+        if module and importlib.util.find_spec(module.group(1)) is None:
+            pytest.skip(f"{module.group(1)} is not installed here")
+        proc = subprocess.run([PY, "-c", args[2]], cwd=user_folder, env=run_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     elif args[0] in ("pytest", "ruff", "python"):
         assert args[0] != "python" or (REPO / args[1]).is_file(), command
     else:
