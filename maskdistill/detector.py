@@ -301,6 +301,18 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_iters: int, drops: Sequenc
 # ---------------------------------------------------------------- backend
 
 
+def load_trained(model_path: Path, current: DetectorSettings) -> tuple[dict[str, Any], DetectorSettings]:
+    """A trained detector file and the settings to rebuild its model: the architecture it was
+    trained with, the inference keys of ``current``. Raises ValueError when another backend than
+    ``current.backend`` trained it."""
+    saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
+    stored = stored_settings("detector", saved["cfg"])
+    if stored.backend != current.backend:
+        raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
+                         f"'detector.backend' is '{current.backend}'")
+    return saved, dataclasses.replace(stored, **{key: getattr(current, key) for key in INFERENCE_KEYS})
+
+
 class TorchvisionMaskRCNN:
     """torchvision Mask R-CNN, ResNet-FPN or ResNet-C4 (``detector.architecture``)."""
 
@@ -373,13 +385,7 @@ class TorchvisionMaskRCNN:
 
     def load(self, model_path: Path) -> tuple[GeneralizedRCNN, dict[str, Any]]:
         """The trained model (eval mode, on the device, at ``test_min_size``) and its file."""
-        saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
-        # architecture from the trained model; inference settings from the current config
-        stored = stored_settings("detector", saved["cfg"])
-        if stored.backend != "torchvision":
-            raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
-                             "'detector.backend' is 'torchvision'")
-        arch = dataclasses.replace(stored, **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
+        saved, arch = load_trained(model_path, self.s)
         model = build_model(arch, saved["num_classes"], load_pretrained=False)
         model.load_state_dict(saved["state_dict"])
         model.transform.min_size = (self.s.test_min_size,)
@@ -414,7 +420,7 @@ class TorchvisionMaskRCNN:
                     h, w = t.shape[-2:]
                     images.append({"id": image_id, "file_name": rec.key + rec.path.suffix,
                                    "height": int(h), "width": int(w), "key": rec.key})
-                    anns.extend(_annotations(out, image_id, start_id=len(anns) + 1))
+                    anns.extend(prediction_annotations(out, image_id, start_id=len(anns) + 1))
         write_json(out_json, {"images": images, "annotations": anns,
                               "categories": saved["categories"]})
         log.info("detector: wrote %d predictions for %d images to %s", len(anns), len(images),
@@ -435,7 +441,7 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0), i
 
 
-def _annotations(out: dict[str, torch.Tensor], image_id: int,
+def prediction_annotations(out: dict[str, torch.Tensor], image_id: int,
                  start_id: int) -> list[dict[str, Any]]:
     """One model output -> COCO annotations (mask thresholded at 0.5, bbox xywh, score)."""
     anns = []

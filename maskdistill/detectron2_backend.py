@@ -13,7 +13,6 @@ backend's.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -28,11 +27,11 @@ import torch
 
 from maskdistill import distributed
 from maskdistill.backbone import resnet_state_dict
-from maskdistill.detector import INFERENCE_KEYS, WARMUP_FACTOR, CocoInstances, _annotations
+from maskdistill.detector import WARMUP_FACTOR, CocoInstances, prediction_annotations, load_trained
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
-from maskdistill.settings import DetectorSettings, as_config, stored_settings
+from maskdistill.settings import DetectorSettings, as_config
 from maskdistill.storage import write_json
-from maskdistill.training import load_model, progress, save_model
+from maskdistill.training import progress, save_model
 
 log = logging.getLogger("maskdistill")
 
@@ -277,12 +276,7 @@ class Detectron2MaskRCNN:
         """The trained detectron2 model (eval mode, on the device), its file and config."""
         from detectron2.modeling import build_model as build_detectron2_model
 
-        saved = load_model(model_path, "detector model", "num_classes", "cfg", "categories")
-        stored = stored_settings("detector", saved["cfg"])
-        if stored.backend != "detectron2":
-            raise ValueError(f"{model_path}: trained by the '{stored.backend}' backend, but "
-                             "'detector.backend' is 'detectron2'")
-        arch = dataclasses.replace(stored, **{key: getattr(self.s, key) for key in INFERENCE_KEYS})
+        saved, arch = load_trained(model_path, self.s)
         cfg = build_config(arch, len(saved["categories"]), device=str(self.device), overrides=self.overrides)
         model = build_detectron2_model(cfg)
         model.load_state_dict(saved["state_dict"])
@@ -308,7 +302,7 @@ class Detectron2MaskRCNN:
                     image_id = rec.image_id if rec.image_id is not None else i
                     images.append({"id": image_id, "file_name": rec.key + rec.path.suffix,
                                    "height": inp["height"], "width": inp["width"], "key": rec.key})
-                    anns.extend(_annotations(instances_output(out["instances"], category_ids),
+                    anns.extend(prediction_annotations(instances_output(out["instances"], category_ids),
                                              image_id, start_id=len(anns) + 1))
         write_json(out_json, {"images": images, "annotations": anns, "categories": saved["categories"]})
         log.info("detector (detectron2): wrote %d predictions for %d images to %s", len(anns),
@@ -325,7 +319,7 @@ def _model_input(rgb: np.ndarray, resize: Any) -> dict[str, Any]:
 
 def instances_output(instances: Any, category_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """detectron2 Instances (boxes, contiguous classes, scores, masks at the image size) as the
-    torchvision output dict :func:`maskdistill.detector._annotations` reads (our category ids)."""
+    torchvision output dict :func:`maskdistill.detector.prediction_annotations` reads (our category ids)."""
     instances = instances.to("cpu")
     return {"boxes": instances.pred_boxes.tensor, "labels": category_ids[instances.pred_classes],
             "scores": instances.scores, "masks": instances.pred_masks[:, None].float()}
