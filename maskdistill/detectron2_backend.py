@@ -27,7 +27,7 @@ import torch
 
 from maskdistill import distributed
 from maskdistill.backbone import resnet_state_dict
-from maskdistill.detector import WARMUP_FACTOR, CocoInstances, prediction_annotations, load_trained
+from maskdistill.detector import WARMUP_FACTOR, CocoInstances, load_trained, prediction_annotations
 from maskdistill.images import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, read_rgb
 from maskdistill.settings import DetectorSettings, as_config
 from maskdistill.storage import write_json
