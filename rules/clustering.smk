@@ -37,12 +37,14 @@ rule cluster:
         model=f"{RESULTS}/clusters/kmeans.npz",
     params:
         cfg=cfg("clustering"),
-        out_val=lambda wc, output: f"--out-val {output.val}" if output.val else "",
+        # one param for both options keeps the command of earlier versions when there is no
+        # extra folder (a changed command would rerun K-means and everything after it)
+        out_val=lambda wc, input, output: (f"--out-val {output.val}" if output.val else "") + (
+            f" --features-extra {input.features_extra}" if input.features_extra else ""),
     log:
         "logs/cluster.log",
     shell:
         "maskdistill cluster --config {params.cfg:q} --masks-train {input.masks_train}"
         " --features-train {input.features_train} --masks-val {input.masks_val}"
-        " --features-val {input.features_val} --features-extra {input.features_extra}"
-        " --out-train {output.train} {params.out_val}"
+        " --features-val {input.features_val} --out-train {output.train} {params.out_val}"
         " --out-model {output.model} > {log} 2>&1"

@@ -34,8 +34,8 @@ rule evaluate:
         "logs/evaluate.log",
     shell:
         "maskdistill evaluate --config {params.cfg:q} --split {params.split} {params.gt_semantic}"
-        " {params.preds}{params.extras} --clusters {input.clusters} --skipped {input.skipped} --out-metrics {output.metrics}"
-        " --out-report {output.report} --out-figure {output.figure} > {log} 2>&1"
+        " {params.preds}{params.extras} --clusters {input.clusters} --skipped {input.skipped}"
+        " --out-metrics {output.metrics} --out-report {output.report} --out-figure {output.figure} > {log} 2>&1"
 
 
 rule mask_ap:  # on evaluation.mask_ap_split (VOC seg_trainval: predicted on, never mined)
