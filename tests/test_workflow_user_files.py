@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, run_env, snakemake, write_config
+from conftest import REPO, TINY, merged, run_env, snakemake, write_config
 from test_datasets import make_coco, make_voc
 
 from maskdistill.backbone import create_vit
@@ -415,9 +415,21 @@ def test_a_killed_mine_job_fails_the_run_and_touches_nothing(tree):
 # ---------------------------------------------------------------- the whole run, as the issue met it
 
 
+# Every key of the authors' protocol that a tiny run can take (README "Paper settings").
+AUTHORS_PROTOCOL = {
+    "mining": {"preprocess": "reference"},
+    "clustering": {"crop": "native", "center": False, "fit_on": ["train", "val"]},
+    "detector": {"architecture": "c4", "batchnorm": "train", "detections_per_image": 100},
+    "segmentation": {"transform": "reference", "hard_pixel_count": "batch"},
+    "crf": {"unary": "probabilities", "channel_order": "bgr"},
+    "evaluation": {"crf": True, "mapping": "masks", "single_object": "reference"},
+}
+
+
 def test_a_full_run_on_photos_with_dangling_links_keeps_every_user_file(tmp_path):
     """A folder of photos with a moved link in train and in val (listed by the annotations), run to
-    the end under ``on_bad_image: skip``, then ``--delete-all-output``: not one user byte changes."""
+    the end under ``on_bad_image: skip`` with the authors' protocol and an extra folder of the user's
+    for K-means, then ``--delete-all-output``: not one user byte changes."""
     tree = make_tree(tmp_path, "images")
     lost = tree.dangle("train")
     gone = tree.owned / "photos" / "val" / "gone.png"  # listed by the val annotations, target moved
@@ -426,17 +438,32 @@ def test_a_full_run_on_photos_with_dangling_links_keeps_every_user_file(tmp_path
     coco = read_json(annotations)
     coco["images"].append({"id": 999, "file_name": "gone.png", "height": 64, "width": 64})
     annotations.write_text(json.dumps(coco))
+    support = tree.owned / "support"  # clustering.extra_images: mined and described for K-means only
+    support.mkdir()
+    for name in ("scene_0001.png", "scene_0002.png"):
+        shutil.copy(tree.owned / "photos" / "train" / name, support / f"more_{name}")
     before = snapshot(tree.owned)
     work = tmp_path / "work"
+    cfg = merged(tree.config("skip"), AUTHORS_PROTOCOL)
+    cfg["clustering"]["extra_images"] = [str(support)]
 
-    _run(tree, tree.config("skip"))
+    _run(tree, cfg)
     report = read_json(work / "results" / "input_report.json")
     assert sorted(s["path"] for s in report["skipped"]) == sorted([str(lost), str(gone)])
     metrics = read_json(work / "results" / "metrics.json")
     assert metrics["meta"]["num_images"] == len(coco["images"]) - 1  # the skipped one is not scored
+    results = work / "results"
+    assert (results / "features" / "extra0" / "shard-000.h5").is_file()  # K-means saw the folder ...
+    assert not (results / "pseudo_labels" / "extra0").exists()  # ... and nothing else did
+    val_keys = {p.stem for p in (results / "segmentation" / "predictions" / "val").glob("*.png")}
+    logits = {p.stem for p in (results / "segmentation" / "logits" / "val").glob("*.npz")}
+    assert val_keys and logits == val_keys
+    assert "segmentation+crf" in metrics  # refined from the stored logits' probabilities
+    assert set(metrics["segmentation"]["by_mapping"]) == {"pixels", "masks"}
+    assert read_json(results / "mask_ap.json")["single"]["single_object"] == "reference"
     assert snapshot(tree.owned) == before
 
-    _run(tree, tree.config("skip"), "--delete-all-output")
+    _run(tree, cfg, "--delete-all-output")
     assert not (work / "results" / "metrics.json").exists()
     assert snapshot(tree.owned) == before
     assert yaml.safe_load((work / "config.yaml").read_text())["dataset"]["on_bad_image"] == "skip"
