@@ -267,11 +267,15 @@ def cmd_mine(a: argparse.Namespace, s: Settings) -> None:
 
 @command("input-report", "list the images mining skipped, with reasons",
          arg("--masks-train", nargs="*", default=[]), arg("--masks-val", nargs="*", default=[]),
+         arg("--masks-extra", nargs="*", default=[],
+             help="shards of the clustering.extra_images splits (results/masks/<split>/shard-NNN.h5)"),
          arg("--out-json", required=True), arg("--out-md", required=True))
 def cmd_input_report(a: argparse.Namespace, s: Settings) -> None:
     from maskdistill.input_report import input_report, write_input_report
 
     shards = {"train": [Path(p) for p in a.masks_train], "val": [Path(p) for p in a.masks_val]}
+    for path in map(Path, a.masks_extra):  # the split is the shard's folder: extra0, extra1, ...
+        shards.setdefault(path.parent.name, []).append(path)
     report = input_report({split: paths for split, paths in shards.items() if paths}, s.dataset.on_bad_image)
     write_input_report(report, Path(a.out_json), Path(a.out_md))
     log.info("input report: %s", json.dumps(report["splits"]))

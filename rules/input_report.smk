@@ -3,10 +3,15 @@
 # images out read it as a declared input (--skipped).
 
 
+# the clustering.extra_images folders' shards; without any, the command of earlier versions
+EXTRA_MASKS_OPTION = " --masks-extra {input.extra}" if PLAN.extra_splits else ""
+
+
 rule input_report:
     input:
         train=shard_files("masks", "train"),
         val=shard_files("masks", "val") if PLAN.has_val else [],
+        extra=[path for split in PLAN.extra_splits for path in shard_files("masks", split)],
     output:
         json=INPUT_REPORT,
         md=f"{RESULTS}/input_report.md",
@@ -17,4 +22,5 @@ rule input_report:
         "logs/input_report.log",
     shell:
         "maskdistill input-report --config {params.cfg:q} --masks-train {input.train}"
-        " --masks-val {input.val} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+        f" --masks-val {{input.val}}{EXTRA_MASKS_OPTION} --out-json {{output.json}} --out-md {{output.md}}"
+        " > {log} 2>&1"

@@ -105,3 +105,21 @@ def test_input_report_command_writes_json_and_markdown(mixed_folder, tmp_path, m
     assert report["on_bad_image"] == "skip" and len(report["skipped"]) == len(bad)
     md = (tmp_path / "r.md").read_text()
     assert "dangling symlink" in md and "zero.jpg" in md and "`skip`" in md
+
+
+def test_the_extra_folders_shards_are_reported_under_their_own_split(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extra0").mkdir()
+    (tmp_path / "extra1").mkdir()
+    _shard(tmp_path / "train.h5", ["t"], [])
+    _shard(tmp_path / "extra0" / "shard-000.h5", ["e"], SKIPPED["val"])
+    _shard(tmp_path / "extra0" / "shard-001.h5", ["f", "g"], [])
+    _shard(tmp_path / "extra1" / "shard-000.h5", ["h"], [])
+    cfg = json.dumps({"dataset": {"source": "demo", "on_bad_image": "skip"}})
+    assert cli_main(["input-report", "--config", cfg, "--masks-train", "train.h5", "--masks-extra",
+                     "extra0/shard-000.h5", "extra0/shard-001.h5", "extra1/shard-000.h5",
+                     "--out-json", "r.json", "--out-md", "r.md"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["splits"] == {"train": {"mined": 1, "skipped": 0}, "extra0": {"mined": 3, "skipped": 1},
+                                "extra1": {"mined": 1, "skipped": 0}}
+    assert [(r["split"], r["key"]) for r in report["skipped"]] == [("extra0", "gone")]

@@ -442,6 +442,8 @@ def test_a_full_run_on_photos_with_dangling_links_keeps_every_user_file(tmp_path
     support.mkdir()
     for name in ("scene_0001.png", "scene_0002.png"):
         shutil.copy(tree.owned / "photos" / "train" / name, support / f"more_{name}")
+    moved_away = support / "moved_away.png"  # a dangling link there too: skipped and reported
+    os.symlink(tree.owned / "moved" / "moved_away.png", moved_away)
     before = snapshot(tree.owned)
     work = tmp_path / "work"
     cfg = merged(tree.config("skip"), AUTHORS_PROTOCOL)
@@ -449,7 +451,8 @@ def test_a_full_run_on_photos_with_dangling_links_keeps_every_user_file(tmp_path
 
     _run(tree, cfg)
     report = read_json(work / "results" / "input_report.json")
-    assert sorted(s["path"] for s in report["skipped"]) == sorted([str(lost), str(gone)])
+    assert sorted((s["split"], s["path"]) for s in report["skipped"]) == sorted(
+        [("train", str(lost)), ("val", str(gone)), ("extra0", str(moved_away))])
     metrics = read_json(work / "results" / "metrics.json")
     assert metrics["meta"]["num_images"] == len(coco["images"]) - 1  # the skipped one is not scored
     results = work / "results"
