@@ -14,7 +14,10 @@ rule cluster_features:
     output:
         f"{RESULTS}/features/{{split}}/shard-{{shard}}.h5",
     params:
-        cfg=cfg("clustering", only=FEATURE_KEYS),
+        # an extra split (clustering.extra_images) finds its folder in the list; train and val
+        # do not depend on it
+        cfg=lambda wc: cfg("clustering", only=FEATURE_KEYS + (() if wc.split in PLAN.splits
+                                                              else ("extra_images",))),
         hub=manifest_option,
     log:
         "logs/cluster_features/{split}-{shard}.log",
