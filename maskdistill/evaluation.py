@@ -57,6 +57,9 @@ from maskdistill.training import progress
 log = logging.getLogger("maskdistill")
 
 MAPPINGS = ("pixels", "masks")  # evaluation.mapping
+# Stages whose labels are not the K-means clusters of the mined masks: the mined-mask mapping does
+# not apply to them, they are matched on pixels under either mapping.
+OWN_LABEL_STAGES = frozenset({"patch_kmeans"})
 
 
 # ---------------------------------------------------------------- the mapping from mined masks
@@ -223,12 +226,14 @@ def evaluate(
                          f"{gt.source} {len(names) - 1}")
     for stage, conf in confs.items():
         by = {"pixels": miou_after_matching(conf, match_clusters(conf, mode), names)}
-        if from_masks is not None:
+        primary = "pixels"
+        if from_masks is not None and stage not in OWN_LABEL_STAGES:
             by["masks"] = miou_after_matching(conf, np.asarray(from_masks["mapping"]), names)
             by[mapping]["by_mapping"] = {k: {"miou": v["miou"], "pixel_accuracy": v["pixel_accuracy"]}
                                          for k, v in by.items()}
-        metrics[stage] = by[mapping]
-        mappings[stage] = np.asarray(by[mapping]["mapping"])
+            primary = mapping
+        metrics[stage] = by[primary]
+        mappings[stage] = np.asarray(by[primary]["mapping"])
         log.info("%s: mIoU %.2f, pixel accuracy %.2f", stage, metrics[stage]["miou"],
                  metrics[stage]["pixel_accuracy"])
     metrics["meta"] = {

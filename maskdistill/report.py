@@ -127,15 +127,21 @@ MAPPING_COLUMNS = {"pixels": "mIoU (pixel matching)", "masks": "mIoU (mined-mask
 
 
 def stage_table(metrics: Mapping[str, Any], stages: Sequence[str]) -> pd.DataFrame:
-    """mIoU and pixel accuracy (%) of each stage, one row per stage (index ``stage``); with both
-    mappings of clusters to classes (``by_mapping``), the mIoU under each as well."""
+    """mIoU and pixel accuracy (%) of each stage, one row per stage (index ``stage``); when stages
+    have both mappings of clusters to classes (``by_mapping``), the mIoU under each as well (NaN for
+    a stage with clusters of its own, such as the patch K-means baseline)."""
     columns = ["mIoU", "pixel accuracy"]
-    both = all("by_mapping" in metrics[s] for s in stages) and bool(stages)
+    both = any("by_mapping" in metrics[s] for s in stages)
     if both:
         columns += list(MAPPING_COLUMNS.values())
-    rows = [(metrics[s]["miou"], metrics[s]["pixel_accuracy"],
-             *((metrics[s]["by_mapping"][m]["miou"] for m in MAPPING_COLUMNS) if both else ()))
-            for s in stages]
+
+    def by_mapping(stage: str) -> tuple[float, ...]:
+        if not both:
+            return ()
+        by = metrics[stage].get("by_mapping")
+        return tuple(by[m]["miou"] if by else float("nan") for m in MAPPING_COLUMNS)
+
+    rows = [(metrics[s]["miou"], metrics[s]["pixel_accuracy"], *by_mapping(s)) for s in stages]
     return pd.DataFrame(rows, index=pd.Index(list(stages), name="stage"), columns=columns, dtype=float)
 
 

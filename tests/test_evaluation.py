@@ -181,6 +181,12 @@ def test_the_mined_mask_mapping_scores_every_stage_beside_the_pixel_one(tmp_path
     primary = evaluate(*args, max_figure_rows=1, mapping="masks", mined=(clusters, coco_path))
     assert primary["s"]["miou"] == pytest.approx(100 / 3) and primary["s"]["mapping"] == [0, 2, 1]
     assert primary["s"]["per_class"] == {"background": 100.0, "person": 0.0, "cat": 0.0}
+    # the patch K-means baseline has clusters of its own: the mined masks' mapping does not apply
+    own = evaluate({"s": pred, "patch_kmeans": pred}, *args[1:], max_figure_rows=1, mapping="masks",
+                   mined=(clusters, coco_path))
+    assert own["patch_kmeans"]["miou"] == 100.0 and "by_mapping" not in own["patch_kmeans"]
+    assert own["s"]["miou"] == pytest.approx(100 / 3)
+    assert "| patch_kmeans | 100.0 | 100.0 | - | - |" in (out / "r.md").read_text()
     with pytest.raises(ValueError, match="evaluation.mapping: masks"):
         evaluate(*args, mapping="masks")
     with pytest.raises(ValueError, match=r"clusters\.json: mined mask of 'a' has cluster 2; clusters are 1"):
