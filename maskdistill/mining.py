@@ -127,11 +127,16 @@ def _attention_seed(q: torch.Tensor, k: torch.Tensor, proposals: torch.Tensor, h
     return int(proposals[torch.argmax(attention[proposals])])
 
 
+def patch_mask_in_resized_frame(patch_mask: np.ndarray, patch: int, resized: tuple[int, int]) -> np.ndarray:
+    """Patch grid (h, w) -> nearest x ``patch``, cropped to the resized, unpadded image (H', W')."""
+    return np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
+
+
 def upsample_patch_mask(patch_mask: np.ndarray, patch: int, resized: tuple[int, int],
                         original: tuple[int, int]) -> np.ndarray:
     """Patch grid -> image size with nearest neighbours (through the resized, unpadded frame;
     ``mining.preprocess: ours``)."""
-    full = np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
+    full = patch_mask_in_resized_frame(patch_mask, patch, resized)
     if full.shape == tuple(original):
         return full
     rows = np.minimum((np.arange(original[0]) + 0.5) * resized[0] / original[0], resized[0] - 1)
@@ -146,7 +151,7 @@ def upsample_patch_mask_reference(patch_mask: np.ndarray, patch: int, resized: t
     size (Pillow's default filter for ``Image.resize`` of a mode L image) with every value above 0
     kept, which grows the mask by about one pixel wherever it is enlarged. No resize when the
     sizes agree."""
-    full = np.repeat(np.repeat(patch_mask, patch, axis=0), patch, axis=1)[: resized[0], : resized[1]]
+    full = patch_mask_in_resized_frame(patch_mask, patch, resized)
     image = Image.fromarray(full.astype(np.uint8) * 255)
     return np.asarray(image.resize((original[1], original[0]), Image.Resampling.BICUBIC)) > 0
 

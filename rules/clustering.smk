@@ -33,7 +33,7 @@ rule cluster:
         features_train=shard_files("features", "train"),
         masks_val=shard_files("masks", "val") if PLAN.has_val else [],
         features_val=shard_files("features", "val") if PLAN.has_val else [],
-        features_extra=[path for split in PLAN.extra_splits for path in shard_files("features", split)],
+        features_extra=extra_shard_files("features"),
     output:
         train=f"{RESULTS}/clusters/train.json",
         val=f"{RESULTS}/clusters/val.json" if PLAN.has_val else [],

@@ -82,6 +82,11 @@ def shard_files(kind, split):
     return expand(f"{RESULTS}/{kind}/{split}/shard-{{shard}}.h5", shard=PLAN.shards)
 
 
+def extra_shard_files(kind):
+    """Every shard file of one kind of the clustering.extra_images splits (none without them)."""
+    return [path for split in PLAN.extra_splits for path in shard_files(kind, split)]
+
+
 def split_shard_files(kind):
     """Input function: the shard files of the job's split."""
     return lambda wc: shard_files(kind, wc.split)

@@ -11,7 +11,7 @@ rule input_report:
     input:
         train=shard_files("masks", "train"),
         val=shard_files("masks", "val") if PLAN.has_val else [],
-        extra=[path for split in PLAN.extra_splits for path in shard_files("masks", split)],
+        extra=extra_shard_files("masks"),
     output:
         json=INPUT_REPORT,
         md=f"{RESULTS}/input_report.md",
