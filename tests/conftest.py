@@ -137,6 +137,18 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Every test starts at the session's torch thread count, whatever the test before it set:
+    float32 results follow the thread count (sums split in other orders), so a test's numbers must
+    not depend on which tests ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def finished_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished local run of ``TINY`` for the whole session. Tests read it and may dry-run other

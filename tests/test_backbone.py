@@ -215,6 +215,7 @@ def test_shipped_weights_record_the_config_that_reproduces_them():
                     "demo_scenes": DEMO_CONFIG["pretrain"]["demo_scenes"]}
 
 
+@pytest.mark.numeric
 def test_shipped_vit_attends_to_objects_and_a_random_one_does_not(val_scenes):
     images, foregrounds = val_scenes
     trained = cls_attention_on_objects(create_vit("vit_demo_patch8_128.dino_demo", pretrained=True),

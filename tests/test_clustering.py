@@ -39,6 +39,7 @@ def test_crop_box_cuts_the_box_region():
     assert crop.min() > 150  # only the bright box inside
 
 
+@pytest.mark.numeric
 def test_crops_embedded_in_batches_from_decoding_threads_match_one_at_a_time(tmp_path, monkeypatch):
     from maskdistill import clustering
 
@@ -176,6 +177,7 @@ def _native_shard(tmp_path):
     return boxes
 
 
+@pytest.mark.numeric
 def test_native_crops_batched_by_size_get_the_features_they_get_one_at_a_time(tmp_path, monkeypatch):
     from maskdistill import clustering
     from maskdistill.backbone import cls_features, create_vit

@@ -68,27 +68,32 @@ def make_dataset(root: Path, n: int = 8) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 12-epoch run, shared by the tests that only read its outputs."""
+    """A 24-epoch run, shared by the tests that only read its outputs. 24 epochs, not 12: after 12
+    the best box of some seeds and CPU capabilities still missed half of the squares (box IoU down
+    to 0.05), so whether the model had learned was the kernels' coin toss; after 24 every seed 0-3
+    under ATEN_CPU_CAPABILITY default, avx2 and avx512 found all 8 (box IoU >= 0.59)."""
     root = tmp_path_factory.mktemp("det")
     train_json = make_dataset(root)
-    backend = TorchvisionMaskRCNN(tiny_cfg(epochs=12, lr=0.02), torch.device("cpu"))
+    backend = TorchvisionMaskRCNN(tiny_cfg(epochs=24, lr=0.02, lr_drop_epochs=[20]), torch.device("cpu"))
     backend.train(train_json, root / "images", root / "ckpt", root / "model.pt")
     return root, backend
 
 
+@pytest.mark.numeric
 def test_training_reduces_loss_and_writes_model(trained):
     root, backend = trained
     totals = [h["total"] for h in backend.history]
-    assert len(totals) == 12 * 2  # 8 annotated images (the empty one skipped), batch 4
+    assert len(totals) == 24 * 2  # 8 annotated images (the empty one skipped), batch 4
     assert {"loss_classifier", "loss_mask", "loss_objectness"} <= set(backend.history[0])
-    assert np.mean(totals[-2:]) < 0.8 * np.mean(totals[:2])
+    assert np.mean(totals[-2:]) < 0.8 * np.mean(totals[:2])  # 0.25-0.35 measured (see `trained`)
     saved = torch.load(root / "model.pt", weights_only=False)
     assert saved["num_classes"] == 3
     assert [c["id"] for c in saved["categories"]] == [1, 2]
     assert saved["cfg"]["backbone"] == "resnet18"
-    assert load_checkpoint(root / "ckpt" / "last.pt")["step"] == 24
+    assert load_checkpoint(root / "ckpt" / "last.pt")["step"] == 48
 
 
+@pytest.mark.numeric
 def test_predictions_json_structure(trained, tmp_path):
     root, backend = trained
     records = list_image_folder(root / "images")[:3]
@@ -112,41 +117,68 @@ def test_predictions_json_structure(trained, tmp_path):
         assert mask.shape == (SIZE, SIZE)
         assert a["area"] == int(mask.sum())
         assert len(a["bbox"]) == 4 and a["bbox"][2] >= 0 and a["bbox"][3] >= 0
-    # on these training images the best prediction should find the square and its colour class
+    # the detector learned: on most training images its best detection finds the square (mask IoU
+    # > 0.3) and its colour class. Over seeds 0-3 under ATEN_CPU_CAPABILITY default, avx2 and avx512
+    # every run found all 8 annotated images, with mask IoU 0.51-0.94 (bound: 6 of 8)
+    annotated = list_image_folder(root / "images")[:8]
+    backend.predict(root / "model.pt", annotated, tmp_path / "all.json")
+    found = read_json(tmp_path / "all.json")
     gt = read_json(root / "train.json")
     gt_by_file = {im["file_name"]: im["id"] for im in gt["images"]}
     good = 0
-    for im in data["images"]:
+    for im in found["images"]:
         g = next(a for a in gt["annotations"] if a["image_id"] == gt_by_file[im["file_name"]])
-        ranked = sorted((a for a in anns if a["image_id"] == im["id"]), key=lambda a: -a["score"])
+        ranked = sorted((a for a in found["annotations"] if a["image_id"] == im["id"]),
+                        key=lambda a: -a["score"])
         if not ranked:
             continue
         pred = decode_segmentation(ranked[0]["segmentation"], SIZE, SIZE)
         true = decode_segmentation(g["segmentation"], SIZE, SIZE)
         iou = (pred & true).sum() / max((pred | true).sum(), 1)
         good += iou > 0.3 and ranked[0]["category_id"] == g["category_id"]
-    assert good >= 2
+    assert good >= 6
 
 
+def box_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two COCO [x, y, w, h] boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@pytest.mark.numeric
 def test_bf16_predictions_find_the_boxes_of_fp32(trained, tmp_path):
-    """Under bf16 only the ResNet-FPN and the heads run in bfloat16; boxes are decoded in float32."""
+    """Under bf16 only the ResNet-FPN and the heads run in bfloat16; boxes are decoded in float32.
+
+    bfloat16 keeps 8 significant bits (relative rounding 2^-9), so class logits and regression deltas
+    move by about a per cent: each image's best fp32 detection has a bf16 detection of the same class
+    and a score within 0.05 (0.006 at most measured). Boxes are matched by IoU, not by rank, and the
+    bound is NMS's own threshold (0.5): two proposals that NMS merges may score within bf16's
+    rounding, and which of them survives is then the kernels' choice, but it overlaps fp32's box by
+    more than 0.5 by NMS's rule. Measured over seeds 0-3 under ATEN_CPU_CAPABILITY default, avx2
+    and avx512: IoU 0.81-0.996; a box elsewhere in the image would give less than 0.5.
+    """
     root, _ = trained
     records = list_image_folder(root / "images")[:4]
-    best = {}
+    anns = {}
     for precision in ("fp32", "bf16"):
         backend = TorchvisionMaskRCNN(tiny_cfg(), torch.device("cpu"), precision)
         backend.predict(root / "model.pt", records, tmp_path / f"{precision}.json")
-        anns = read_json(tmp_path / f"{precision}.json")["annotations"]
-        best[precision] = {i: max((a for a in anns if a["image_id"] == i), key=lambda a: a["score"])
-                           for i in {a["image_id"] for a in anns}}
-    assert best["fp32"].keys() == best["bf16"].keys() and len(best["fp32"]) >= 3
-    for i, full in best["fp32"].items():
-        half = best["bf16"][i]
-        assert half["category_id"] == full["category_id"]
-        assert np.abs(np.subtract(half["bbox"], full["bbox"])).max() < 2.0  # pixels
+        anns[precision] = read_json(tmp_path / f"{precision}.json")["annotations"]
+    images = {a["image_id"] for a in anns["fp32"]}
+    assert len(images) >= 3  # score_threshold 0: a trained detector keeps boxes on these images
+    for i in images:
+        full = max((a for a in anns["fp32"] if a["image_id"] == i), key=lambda a: a["score"])
+        same_class = [a for a in anns["bf16"]
+                      if a["image_id"] == i and a["category_id"] == full["category_id"]]
+        assert same_class, f"image {i}: bf16 lost the class of fp32's best box"
+        half = max(same_class, key=lambda a: box_iou(a["bbox"], full["bbox"]))
+        assert box_iou(half["bbox"], full["bbox"]) > 0.5, (full, half)
         assert abs(half["score"] - full["score"]) < 0.05
 
 
+@pytest.mark.numeric
 def test_bf16_training_steps_as_fp32_does(tmp_path):
     train_json = make_dataset(tmp_path, n=4)
     totals = {}

@@ -19,7 +19,9 @@ from distributed_worker import hard_pixel_case, run_jobs
 
 from maskdistill import distributed
 from maskdistill.config import ConfigError
+from maskdistill.detector import build_model
 from maskdistill.distributed import World
+from maskdistill.linear_probe import build_probe
 from maskdistill.plan import launch_command
 from maskdistill.pseudo_labels import write_label_maps
 from maskdistill.segmentation import hard_pixel_cross_entropy, model_from_settings
@@ -87,31 +89,61 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
             if v.is_floating_point()}
 
 
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
 def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+# One process and two sum the same gradients and BatchNorm statistics of each global batch in other
+# orders, so float32 rounding (2^-24 relative, amplified a little by each step) is all that may part
+# them: their distance is measured against how far training moved the weights. Any fault in sharing
+# moves them apart by a large part of that distance (measured on the segmentation model: a doubled
+# learning rate 9.5 %, each process stepping on its own half batch 86 %). 1 % lies two orders above
+# rounding on every kernel tried (below 1e-6 of the distance with ATEN_CPU_CAPABILITY default, avx2
+# and avx512) and an order below the smallest fault.
+APART_OF_MOVED = 1e-2
+
+
+def _apart_of_moved(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor],
+                    start: dict[str, torch.Tensor]) -> float:
+    """The largest one-vs-two difference as a share of the largest distance ``one`` moved from
+    ``start`` (which must be real movement, not rounding)."""
+    moved = _largest_difference(one, start)
+    assert moved > 1e-2  # the steps changed the weights (BatchNorm statistics of the global batch too)
+    return _largest_difference(one, two) / moved
+
+
+@pytest.mark.numeric
 def test_two_processes_train_the_segmentation_model_one_process_trains(runs):
     one, two = _weights(runs["one"] / "segmentation.pt"), _weights(runs["two"] / "segmentation.pt")
     s = load_settings(CFG)
     seed_everything(s.segmentation.seed)
-    start = {k: v.float() for k, v in model_from_settings(s.segmentation, runs["num_classes"], False)
-             .state_dict().items() if v.is_floating_point()}
-    moved = _largest_difference(one, start)
-    assert moved > 1e-2  # the steps changed the weights (BatchNorm statistics of the global batch too)
-    assert _largest_difference(one, two) < 1e-4
+    start = _float_state(model_from_settings(s.segmentation, runs["num_classes"], False))
+    assert _apart_of_moved(one, two, start) < APART_OF_MOVED
 
 
+@pytest.mark.numeric
 def test_two_processes_train_the_detector_one_process_trains(runs):
     one, two = _weights(runs["one"] / "detector.pt"), _weights(runs["two"] / "detector.pt")
     assert torch.load(runs["two"] / "detector.pt", weights_only=False)["steps"] == 4  # 2 epochs of 2 batches
-    assert _largest_difference(one, two) < 1e-5
+    s = load_settings(CFG)
+    seed_everything(s.detector.seed)  # as the detector's training starts
+    start = _float_state(build_model(s.detector, runs["num_classes"]))
+    assert _apart_of_moved(one, two, start) < APART_OF_MOVED
 
 
+@pytest.mark.numeric
 def test_two_processes_train_the_linear_probe_one_process_trains(runs):
     one, two = _weights(runs["one"] / "linear_probe.pt"), _weights(runs["two"] / "linear_probe.pt")
-    assert _largest_difference(one, two) < 1e-6
+    s = load_settings(CFG)
+    seed_everything(s.linear_probe.seed)  # as the probe's training starts
+    probe = build_probe(runs["one"] / "segmentation.pt", runs["num_classes"], torch.device("cpu"),
+                        s.linear_probe)
+    assert _apart_of_moved(one, two, _float_state(probe.classifier)) < APART_OF_MOVED
 
 
 def test_only_rank_0_writes_and_every_file_is_complete(runs):

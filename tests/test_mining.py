@@ -294,6 +294,7 @@ def test_mine_shard_with_reference_preprocessing(tmp_path, monkeypatch):
         assert np.array_equal(it.mask, upsample_patch_mask_reference(it.patch_mask, 16, resized, hw))
 
 
+@pytest.mark.numeric
 def test_mixed_sizes_are_mined_in_full_batches_with_the_masks_of_batch_size_one(tmp_path, monkeypatch):
     # The shard alternates image sizes (and holds an unreadable file): taken in shard order, no two
     # neighbours share an input size and every forward pass would hold one image.

@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from maskdistill import segment
 from maskdistill.images import ImageReadError, ImageRecord, read_rgb, resized_hw, to_tensor
 from maskdistill.report import palette
 from maskdistill.segment import matched_class_names, output_path, segment_images
-from maskdistill.segmentation import build_deeplabv3, load_segmentation_model, predict_label_map
+from maskdistill.segmentation import build_deeplabv3, load_segmentation_model, predict_logits
 from maskdistill.settings import as_config, section_settings
 from maskdistill.storage import read_label_png
 from maskdistill.training import save_model
@@ -106,12 +107,37 @@ def forward_batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
+def assert_labels_of_one_image_prediction(labels: np.ndarray, model: torch.nn.Module, rgb: np.ndarray,
+                                          short_side: int | None = None) -> None:
+    """``labels`` are segmentation's one-image prediction of ``rgb`` wherever float32 rounding cannot
+    decide the label. A batched forward sums in other orders than a one-image forward, on some kernels,
+    so two logits within rounding of each other may swap. This random model's logits vary little
+    (about 0.02), so such near-ties exist: pixels whose two best logits lie within 1e-3 of the
+    largest logit are not compared (rounding is about 1e-7 of the activations). They must stay
+    rare (at most 5 % of the pixels; 1.1 % on the 24 x 24 reference model, where one input pixel
+    covers several output pixels), or the comparison would mean nothing."""
+    expected, logits, _ = predict_logits(model, rgb, CPU, short_side)
+    side = getattr(model, "test_side", None)
+    hw = rgb.shape[:2]
+    best_two = logits[0].topk(2, dim=0).values
+    gap = (best_two[0] - best_two[1])[None, None]
+    if side:  # the reference transform: labels at the test side, nearest resize
+        gap = F.interpolate(gap, size=hw, mode="nearest")
+    else:
+        up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)[0].topk(2, dim=0).values
+        gap = (up[0] - up[1])[None, None]
+    decided = (gap[0, 0] > 1e-3 * logits.abs().max()).numpy()
+    assert decided.mean() > 0.95
+    np.testing.assert_array_equal(labels[decided], expected[decided])
+
+
 def test_the_model_file_loads_as_segmentation_reads_it(random_model):
     model, n = load_segmentation_model(random_model, CPU)
     assert n == NUM_CLASSES
     assert model(torch.zeros(1, 3, 32, 32))["out"].shape == (1, NUM_CLASSES, 32, 32)
 
 
+@pytest.mark.numeric
 def test_one_label_map_and_overlay_per_image_at_its_original_size(photos, random_model, tmp_path):
     result = segment_images(random_model, photos, tmp_path, CPU, short_side=32)
     assert result["images"] == len(IMAGES) and result["skipped"] == 0
@@ -121,8 +147,7 @@ def test_one_label_map_and_overlay_per_image_at_its_original_size(photos, random
         h, w = IMAGES[rec.key][2:]
         labels = read_label_png(tmp_path / "labels" / f"{rec.key}.png")
         assert labels.shape == (h, w)
-        # the same labels as segmentation's one-image prediction
-        np.testing.assert_array_equal(labels, predict_label_map(model, read_rgb(rec.path), CPU, 32))
+        assert_labels_of_one_image_prediction(labels, model, read_rgb(rec.path), 32)
         seen.update(np.unique(labels).tolist())
         with Image.open(tmp_path / "overlays" / f"{rec.key}.jpg") as im:
             assert (im.size, im.mode) == ((w, h), "RGB")
@@ -139,6 +164,7 @@ def test_one_label_map_and_overlay_per_image_at_its_original_size(photos, random
     assert set(result["classes"]) == {"background", "cluster 1", "cluster 2"}
 
 
+@pytest.mark.numeric
 def test_labels_do_not_depend_on_the_batch(photos, random_model, tmp_path, monkeypatch):
     sizes = forward_batch_sizes(monkeypatch)
     segment_images(random_model, photos, tmp_path / "one", CPU, short_side=32, batch_size=1)
@@ -150,9 +176,11 @@ def test_labels_do_not_depend_on_the_batch(photos, random_model, tmp_path, monke
     same_size = [r for r in photos if r.key in ("a", "e", "sub/c")]
     segment_images(random_model, same_size, tmp_path / "orig", CPU, short_side=None, batch_size=4)
     assert sizes == [1, 2]  # at their original sizes only a and e (40x60) share a batch
-    for key in IMAGES:
-        one = read_label_png(tmp_path / "one" / "labels" / f"{key}.png")
-        np.testing.assert_array_equal(one, read_label_png(tmp_path / "four" / "labels" / f"{key}.png"))
+    model, _ = load_segmentation_model(random_model, CPU)
+    for rec in photos:
+        for batch in ("one", "four"):
+            labels = read_label_png(tmp_path / batch / "labels" / f"{rec.key}.png")
+            assert_labels_of_one_image_prediction(labels, model, read_rgb(rec.path), 32)
     assert (tmp_path / "four" / "labels" / "sub" / "c.png").is_file()
 
 
@@ -235,9 +263,8 @@ def test_matched_class_names_follow_the_evaluation_mapping(tmp_path):
         matched_class_names(metrics, "segmentation", 3)
 
 
+@pytest.mark.numeric
 def test_a_reference_model_segments_every_photo_at_its_test_side(photos, tmp_path, monkeypatch):
-    from maskdistill.segmentation import predict_label_map
-
     rgbs = [read_rgb(r.path) for r in photos]
     calibration = [to_tensor(rgb, (24, 24)) for rgb in rgbs]
     model_path = write_model(tmp_path / "ref.pt", calibration=calibration, transform="reference",
@@ -248,4 +275,4 @@ def test_a_reference_model_segments_every_photo_at_its_test_side(photos, tmp_pat
     model, _ = load_segmentation_model(model_path, CPU)
     for record, rgb in zip(photos, rgbs, strict=True):  # the same labels as the prediction rule's
         got = read_label_png(tmp_path / "out" / "labels" / f"{record.key}.png")
-        np.testing.assert_array_equal(got, predict_label_map(model, rgb, CPU))
+        assert_labels_of_one_image_prediction(got, model, rgb)

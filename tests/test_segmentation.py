@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from maskdistill.images import ImageRecord
+from maskdistill.images import ImageRecord, read_rgb
 from maskdistill.segmentation import (
     SegmentationDataset,
     build_deeplabv3,
     hard_pixel_cross_entropy,
+    load_segmentation_model,
+    predict_logits,
     predict_segmentation,
     train_segmentation,
 )
@@ -215,17 +217,24 @@ def _losses(caplog) -> list[float]:
     return [float(m) for m in re.findall(r"loss=([0-9.]+)", caplog.text)]
 
 
+@pytest.mark.numeric
 def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog):
+    """Training learns the bright squares, on every kernel: it trains on crops of 48, the side the
+    test predicts at (48 x 57), so BatchNorm's running statistics describe what prediction sees. On
+    32-pixel crops the eval-mode model called everything foreground on some kernels and seeds (a
+    coin toss). At 48, seeds 0-4 under ATEN_CPU_CAPABILITY default and avx512 ended at 0.19-0.30 of
+    the first loss (bound 0.6) with foreground shares 0.88-0.99 on the square against 0.04-0.13 on
+    the background (bound: 0.3 apart)."""
     torch.set_num_threads(2)
     records = _square_data(tmp_path, n=6)
     # plain CE (fraction 1) so the logged loss is comparable from step to step
-    cfg = _cfg(epochs=8, lr=0.02, lr_drop_epochs=[6], hard_pixel_fraction=1.0)
+    cfg = _cfg(epochs=12, lr=0.01, lr_drop_epochs=[10], hard_pixel_fraction=1.0, crop_size=48)
     out = tmp_path / "model.pt"
     with caplog.at_level(logging.INFO, logger="maskdistill"):
         train_segmentation(records, tmp_path / "labels", tmp_path / "ckpt", out, cfg, NUM_CLASSES,
                            torch.device("cpu"))
     losses = _losses(caplog)
-    assert len(losses) == 8 * 3  # 6 images / batch 2 = 3 steps per epoch, one line each
+    assert len(losses) == 12 * 3  # 6 images / batch 2 = 3 steps per epoch, one line each
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
     state = load_checkpoint(out)
     assert state["num_classes"] == 2 and set(state) >= {"state_dict", "cfg"}
@@ -249,6 +258,7 @@ def test_training_lowers_loss_and_predict_writes_original_size(tmp_path, caplog)
     assert not (read_label_png(pred_dir / f"{val[0].key}.png") == 1).all()
 
 
+@pytest.mark.numeric
 def test_bf16_training_ends_close_to_fp32_and_bf16_prediction_agrees(tmp_path, caplog):
     torch.set_num_threads(1)
     records = _square_data(tmp_path, n=2)
@@ -261,19 +271,33 @@ def test_bf16_training_ends_close_to_fp32_and_bf16_prediction_agrees(tmp_path, c
                                precision=precision)
     losses = _losses(caplog)
     assert len(losses) == 2 * 2 and np.isfinite(losses).all()
-    assert losses[2:] == pytest.approx(losses[:2], rel=0.15)  # bf16 steps as fp32 does, roughly
+    # the first step starts from the same weights, so only bf16's rounding parts the two losses:
+    # 4.3 % on this random-init model under every CPU capability tried. Later steps also carry the
+    # first update's rounding through BatchNorm's batch of 2 (up to 11 % measured), so they are
+    # compared through the weights below
+    assert losses[2] == pytest.approx(losses[0], rel=0.15)
     full, half = (load_checkpoint(tmp_path / f"{p}.pt")["state_dict"] for p in ("fp32", "bf16"))
     assert all(v.dtype in (torch.float32, torch.int64) for v in half.values())  # stored in float32
     weights = [k for k, v in full.items() if v.is_floating_point() and "running" not in k]
     moved = max((full[k] - start[k]).abs().max() for k in weights)
     apart = max((full[k] - half[k]).abs().max() for k in weights)
+    # bf16 gradients carry about 1 % error (8 significant bits): the weights part by a small share
+    # of their movement (0.6-0.7 % measured under ATEN_CPU_CAPABILITY default, avx2, avx512), never 0
     assert 0 < apart < 0.1 * moved
     for precision in ("fp32", "bf16"):
         predict_segmentation(tmp_path / "fp32.pt", records[:2], tmp_path / precision, torch.device("cpu"),
                              precision=precision)
+    model, _ = load_segmentation_model(tmp_path / "fp32.pt", torch.device("cpu"))
     for r in records[:2]:
         a, b = (read_label_png(tmp_path / p / f"{r.key}.png") for p in ("fp32", "bf16"))
-        assert (a == b).mean() > 0.97
+        # bf16 logits stray about 1 % of the largest logit from fp32's (8 significant bits through
+        # the network; 0.9-1.2 % measured under every CPU capability and oneDNN ISA tried): where
+        # fp32's two best logits lie more than 5 % of it apart, bf16 must pick the same label
+        logits = predict_logits(model, read_rgb(r.path), torch.device("cpu"))[1][0]
+        best_two = logits.topk(2, dim=0).values
+        decided = (best_two[0] - best_two[1] > 0.05 * logits.abs().max()).numpy()
+        assert decided.mean() > 0.5  # most pixels are decided, so the comparison means something
+        np.testing.assert_array_equal(a[decided], b[decided])
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
