@@ -530,6 +530,7 @@ def cmd_evaluate(a: argparse.Namespace, s: Settings) -> None:
              Path(a.out_report), Path(a.out_figure), notes, mode=s.evaluation.matching,
              max_figure_rows=s.evaluation.figure_rows, extras=extras,
              paper=a.paper if a.paper != "auto" else s.dataset.source, mapping=s.evaluation.mapping,
+             majority=s.evaluation.majority, absent=s.evaluation.absent_classes,
              mined=(Path(a.clusters), Path(source.gt_instances(a.split)))
              if a.clusters and source.gt_instances(a.split) else None)
 

@@ -165,17 +165,18 @@ def stage_confusions(stages: Mapping[str, Path], gt: GroundTruth, num_pred: int)
 
 def evaluate_stage(
     pred_dir: Path, gt_coco_path: Path | GroundTruth, gt_images_root: Path, num_pred: int,
-    mode: str = "iou",
+    mode: str = "iou", majority: str = "pixels", absent: str = "skip",
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Hungarian-matched mIoU of one folder of predicted label PNGs over the whole GT split.
 
-    ``gt_coco_path`` is a COCO instances file or a :class:`GroundTruth` (e.g. a label folder).
+    ``gt_coco_path`` is a COCO instances file or a :class:`GroundTruth` (e.g. a label folder);
+    ``majority`` and ``absent``: :func:`match_clusters`, :func:`miou_after_matching`.
     Returns :func:`miou_after_matching`'s result and the matching (GT class of each label).
     """
     gt = as_ground_truth(gt_coco_path, gt_images_root)
     conf = stage_confusions({"stage": Path(pred_dir)}, gt, num_pred)["stage"]
-    mapping = match_clusters(conf, mode)
-    return miou_after_matching(conf, mapping, list(gt.class_names)), mapping
+    mapping = match_clusters(conf, mode, majority)
+    return miou_after_matching(conf, mapping, list(gt.class_names), absent), mapping
 
 
 def evaluate(
@@ -193,6 +194,8 @@ def evaluate(
     paper: str | None = None,
     mapping: str = "pixels",
     mined: tuple[Path, Path] | None = None,
+    majority: str = "pixels",
+    absent: str = "skip",
 ) -> dict[str, Any]:
     """Evaluate every stage; write metrics.json, a Markdown report (with its tables as CSV beside
     it, see :func:`maskdistill.report.table_paths`) and a figure; return the metrics.
@@ -204,6 +207,8 @@ def evaluate(
     split's clusters file and COCO instances) adds the ``masks`` mapping (:func:`mask_mapping`): each
     stage then has ``by_mapping`` {pixels, masks: mIoU and pixel accuracy}, and ``mapping`` picks
     which of the two is the stage's primary result (its per-class IoU, the figure's colours).
+    ``majority`` (a cluster's class when K > C under ``pixels``) and ``absent`` (classes in neither
+    GT nor prediction): :func:`match_clusters`, :func:`miou_after_matching`.
     """
     if not stages:
         raise ValueError("no stages to evaluate")
@@ -225,10 +230,10 @@ def evaluate(
         raise ValueError(f"{mined[1]} has {len(from_masks['votes'][0])} classes, the ground truth "
                          f"{gt.source} {len(names) - 1}")
     for stage, conf in confs.items():
-        by = {"pixels": miou_after_matching(conf, match_clusters(conf, mode), names)}
+        by = {"pixels": miou_after_matching(conf, match_clusters(conf, mode, majority), names, absent)}
         primary = "pixels"
         if from_masks is not None and stage not in OWN_LABEL_STAGES:
-            by["masks"] = miou_after_matching(conf, np.asarray(from_masks["mapping"]), names)
+            by["masks"] = miou_after_matching(conf, np.asarray(from_masks["mapping"]), names, absent)
             by[mapping]["by_mapping"] = {k: {"miou": v["miou"], "pixel_accuracy": v["pixel_accuracy"]}
                                          for k, v in by.items()}
             primary = mapping
@@ -243,6 +248,8 @@ def evaluate(
         "class_names": names,
         "matching": "hungarian" if num_pred <= len(names) else "majority_vote",
         "mode": mode,
+        "majority": majority,
+        "absent_classes": absent,
         "mapping": mapping,
         **({"mask_mapping": from_masks} if from_masks is not None else {}),
         "ignore_label": IGNORE_LABEL,

@@ -17,6 +17,13 @@ from scipy.optimize import linear_sum_assignment
 from maskdistill.storage import IGNORE_LABEL
 
 MODES = ("iou", "confusion")
+MAJORITY_RULES = ("pixels", "iou")  # evaluation.majority: a cluster's class when K > C
+ABSENT_RULES = ("skip", "zero")  # evaluation.absent_classes: a class in neither GT nor prediction
+
+
+def _check_rule(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {key} {value!r}; use one of {allowed}")
 
 
 # ---------------------------------------------------------------- confusion and matching
@@ -50,21 +57,23 @@ def iou_matrix(conf: np.ndarray) -> np.ndarray:
     return np.divide(conf, union, out=np.zeros_like(conf), where=union > 0)
 
 
-def match_clusters(conf: np.ndarray, mode: str = "iou") -> np.ndarray:
+def match_clusters(conf: np.ndarray, mode: str = "iou", majority: str = "pixels") -> np.ndarray:
     """GT class of each predicted label: Hungarian one-to-one if num_pred <= num_gt, else majority.
 
     The Hungarian assignment maximises the total IoU (``mode="iou"``) or the total matched pixel
     count (``mode="confusion"``). With more predicted labels than GT classes (overclustering) each
-    predicted label goes to the GT class it overlaps most (ties: lowest class id).
+    predicted label goes to the GT class it shares most pixels with (``majority="pixels"``) or the
+    GT class of largest IoU with it (``"iou"``, the authors' evaluation); ties: lowest class id.
     """
     if mode not in MODES:
         raise ValueError(f"unknown matching mode {mode!r}; use one of {MODES}")
+    _check_rule(majority, MAJORITY_RULES, "evaluation.majority")
     conf = np.asarray(conf)
     if conf.ndim != 2 or conf.shape[0] == 0 or conf.shape[1] == 0:
         raise ValueError(f"confusion matrix must be 2-D and non-empty, got shape {conf.shape}")
     num_pred, num_gt = conf.shape
     if num_pred > num_gt:
-        return conf.argmax(axis=1).astype(np.int64)
+        return (conf if majority == "pixels" else iou_matrix(conf)).argmax(axis=1).astype(np.int64)
     mapping = hungarian(iou_matrix(conf) if mode == "iou" else conf.astype(np.float64))
     assert (mapping >= 0).all()  # num_pred <= num_gt: every predicted label is assigned
     return mapping
@@ -96,13 +105,15 @@ def hungarian(score: np.ndarray) -> np.ndarray:
 
 
 def miou_after_matching(
-    conf: np.ndarray, mapping: np.ndarray, class_names: Sequence[str]
+    conf: np.ndarray, mapping: np.ndarray, class_names: Sequence[str], absent: str = "skip"
 ) -> dict[str, Any]:
-    """mIoU (0-100) over GT classes present in GT or prediction after mapping predicted labels.
+    """mIoU (0-100) over the GT classes after mapping predicted labels. A class absent from both GT
+    and the mapped prediction is left out (``absent="skip"``: its per-class entry is None) or
+    counted as IoU 0 (``"zero"``, the authors' evaluation).
 
-    Returns {"miou", "per_class": {name: IoU or None when absent from both}, "pixel_accuracy",
-    "mapping"}.
+    Returns {"miou", "per_class": {name: IoU or None}, "pixel_accuracy", "mapping"}.
     """
+    _check_rule(absent, ABSENT_RULES, "evaluation.absent_classes")
     conf = np.asarray(conf, dtype=np.int64)
     mapping = np.asarray(mapping, dtype=np.int64)
     num_pred, num_gt = conf.shape
@@ -123,7 +134,8 @@ def miou_after_matching(
     present = union > 0
     per_class: dict[str, float | None] = {}
     for c, name in enumerate(class_names):
-        per_class[str(name)] = float(100.0 * tp[c] / union[c]) if present[c] else None
+        per_class[str(name)] = float(100.0 * tp[c] / union[c]) if present[c] \
+            else (0.0 if absent == "zero" else None)
     ious = [v for v in per_class.values() if v is not None]
     return {
         "miou": float(np.mean(ious)),

@@ -364,6 +364,8 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {("dataset", "demo", "background"): "pl
                                           ("evaluation", "mapping"): "pixels",
                                           ("evaluation", "mask_ap_split"): "eval",
                                           ("evaluation", "single_object"): "ours",
+                                          ("evaluation", "majority"): "pixels",
+                                          ("evaluation", "absent_classes"): "skip",
                                           ("segmentation", "hard_pixel_count"): "valid",
                                           ("segmentation", "transform"): "crop",
                                           ("crf", "unary"): "labels",

@@ -224,6 +224,8 @@ class EvaluationSettings:
     mapping: str
     mask_ap_split: str
     single_object: str
+    majority: str
+    absent_classes: str
 
 
 @dataclass(frozen=True)

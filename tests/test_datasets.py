@@ -348,6 +348,7 @@ def test_paper_configs_validate_with_the_paper_settings(name, k):
     assert (cfg["crf"]["unary"], cfg["crf"]["channel_order"]) == ("probabilities", "bgr")
     ev = cfg["evaluation"]
     assert (ev["mapping"], ev["single_object"]) == ("masks", "reference")
+    assert (ev["majority"], ev["absent_classes"]) == ("iou", "zero")
     assert ev["mask_ap_split"] == ("seg_trainval" if name == "voc.yaml" else "eval")
     probe = cfg["linear_probe"]
     assert (probe["transform"], probe["rotation_degrees"], probe["head_init"]) == ("reference", 5, "normal")

@@ -212,3 +212,37 @@ def test_cli_evaluate_with_the_clusters_file_uses_the_configured_mapping(tmp_pat
     m = json.loads((out / "m.json").read_text())
     assert m["meta"]["mapping"] == "masks" and m["s"]["miou"] == pytest.approx(100 / 3)
     assert m["s"]["by_mapping"]["pixels"]["miou"] == pytest.approx(100.0)
+
+
+def test_cli_evaluate_scores_with_the_configured_majority_and_absent_class_rules(tmp_path):
+    """Four labels over three classes (K > C). Cluster 2 holds all 16 cat pixels and 20 of the 88
+    background pixels: most pixels say background, largest IoU says cat (16 / 36 against
+    20 / 104). Background pixels -> cluster 1, person -> cluster 3."""
+    from maskdistill.cli import main
+
+    coco_path, root, gts = make_split(tmp_path)
+    pred = tmp_path / "pred"
+    for key, gt in gts.items():
+        p = np.choose(np.where(gt == 255, 0, gt), [1, 3, 2]).astype(np.uint8)
+        if key == "a":
+            p[5], p[4, :4] = 2, 2  # 12 background pixels
+        if key == "b":
+            p[5] = 2  # 8 more
+        write_label_png(pred / f"{key}.png", p)
+    base = {"device": "cpu", "clustering": {"num_clusters": 3},
+            "dataset": {"source": "images", "train": {"images": str(root)},
+                        "val": {"images": str(root), "annotations": str(coco_path)}}}
+    metrics = {}
+    for majority, absent in (("pixels", "skip"), ("iou", "zero")):
+        rules = {"figure_rows": 1, "majority": majority, "absent_classes": absent}
+        cfg = json.dumps(base | {"evaluation": rules})
+        out = tmp_path / majority
+        assert main(["evaluate", "--config", cfg, "--pred", f"s={pred}", "--out-metrics", str(out / "m.json"),
+                     "--out-report", str(out / "r.md"), "--out-figure", str(out / "f.png")]) == 0
+        metrics[majority] = json.loads((out / "m.json").read_text())
+    pixels, iou = metrics["pixels"], metrics["iou"]
+    assert pixels["s"]["mapping"] == [0, 0, 0, 1] and iou["s"]["mapping"] == [0, 0, 2, 1]
+    # pixels: background 88 / 104, person 100, cat 0; iou: background 68 / 88, person 100, cat 16 / 36
+    assert pixels["s"]["miou"] == pytest.approx((100 * 88 / 104 + 100 + 0) / 3)
+    assert iou["s"]["miou"] == pytest.approx((100 * 68 / 88 + 100 + 100 * 16 / 36) / 3)
+    assert (iou["meta"]["majority"], iou["meta"]["absent_classes"]) == ("iou", "zero")

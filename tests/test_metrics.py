@@ -153,3 +153,45 @@ def test_votes_map_clusters_by_hungarian_when_k_equals_c_and_by_majority_above()
     assert mapping_from_votes(np.array([[0, 2], [0, 1], [3, 0]])).tolist() == [0, 2, 2, 1]
     with pytest.raises(ValueError, match="votes"):
         mapping_from_votes(np.zeros((0, 2)))
+
+
+# ---------------------------------------------------------------- the authors' scoring rules
+
+
+def test_majority_by_iou_gives_a_small_class_the_cluster_that_majority_by_pixels_gives_away():
+    # 3 clusters > 2 classes. Cluster 2 shares 6 pixels with the large background (96 pixels) and 4
+    # with the small class x (5 pixels): most pixels say background, largest IoU says x
+    # (6 / (10 + 96 - 6) = 0.06 against 4 / (10 + 5 - 4) = 0.36)
+    conf = np.array([[90, 0], [0, 1], [6, 4]])
+    by_pixels, by_iou = match_clusters(conf, "iou", "pixels"), match_clusters(conf, "iou", "iou")
+    assert by_pixels.tolist() == [0, 1, 0] and by_iou.tolist() == [0, 1, 1]
+    # pixels: background <- clusters 0, 2 = [96, 4], x <- cluster 1 = [0, 1]
+    m = miou_after_matching(conf, by_pixels, ["bg", "x"])
+    assert m["per_class"] == {"bg": pytest.approx(96.0), "x": pytest.approx(20.0)}
+    # iou: background <- cluster 0 = [90, 0], x <- clusters 1, 2 = [6, 5]
+    m = miou_after_matching(conf, by_iou, ["bg", "x"])
+    assert m["per_class"] == {"bg": pytest.approx(100 * 90 / 96), "x": pytest.approx(100 * 5 / 11)}
+
+
+def test_the_majority_rule_does_not_touch_the_hungarian_matching():
+    conf = np.array([[2, 10, 0], [10, 2, 0], [0, 0, 7]])  # K = C: one-to-one, whatever the rule
+    assert match_clusters(conf, "iou", "pixels").tolist() == match_clusters(conf, "iou", "iou").tolist() \
+        == [1, 0, 2]
+
+
+def test_a_class_absent_from_gt_and_prediction_counts_zero_under_the_authors_rule():
+    conf = np.array([[4, 0, 0], [1, 3, 0]])  # class y in neither GT nor prediction
+    m = miou_after_matching(conf, match_clusters(conf), ["bg", "x", "y"], "zero")
+    assert m["per_class"] == {"bg": pytest.approx(80.0), "x": pytest.approx(75.0), "y": 0.0}
+    assert m["miou"] == pytest.approx((80.0 + 75.0 + 0.0) / 3)
+    # skip (the default) leaves it out: see test_class_absent_from_gt_and_prediction_is_left_out
+    assert miou_after_matching(conf, match_clusters(conf), ["bg", "x", "y"])["miou"] == pytest.approx(77.5)
+
+
+@pytest.mark.parametrize(("call", "key"), [
+    (lambda c: match_clusters(c, "iou", "votes"), "evaluation.majority"),
+    (lambda c: miou_after_matching(c, np.array([0, 1]), ["bg", "x"], "nan"), "evaluation.absent_classes"),
+])
+def test_an_unknown_scoring_rule_names_its_key(call, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        call(np.array([[3, 1], [0, 2]]))

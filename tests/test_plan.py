@@ -180,13 +180,18 @@ def test_a_mask_ap_split_the_source_lacks_is_an_error_naming_the_key(tmp_path):
 
 def test_the_evaluation_keys_added_later_rerun_nothing_at_today_s_values():
     before = validate_config({})
-    for key in ("mapping", "mask_ap_split", "single_object"):
+    for key in ("mapping", "mask_ap_split", "single_object", "majority", "absent_classes"):
         before["evaluation"].pop(key)
     now = validate_config({})
     assert rule_config(now, "evaluation") == rule_config(before, "evaluation")
     masks = copy.deepcopy(now)
     masks["evaluation"]["mapping"] = "masks"
     assert json.loads(rule_config(masks, "evaluation"))["evaluation"]["mapping"] == "masks"
+    authors = copy.deepcopy(now)
+    authors["evaluation"] |= {"majority": "iou", "absent_classes": "zero"}
+    assert json.loads(rule_config(authors, "evaluation"))["evaluation"] | {"majority": "iou",
+                                                                         "absent_classes": "zero"} \
+        == json.loads(rule_config(authors, "evaluation"))["evaluation"]  # the authors' rules rerun it
 
 
 def test_coco20k_is_one_split_evaluated_on_itself(tmp_path):
