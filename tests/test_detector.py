@@ -22,8 +22,9 @@ from maskdistill.detector import (
     seed_samplers,
 )
 from maskdistill.images import ImageRecord
+from maskdistill.mask_ap import annotation_box
 from maskdistill.settings import DetectorSettings, section_settings
-from maskdistill.storage import decode_segmentation, encode_rle, read_json, write_json
+from maskdistill.storage import box_iou, decode_segmentation, encode_rle, read_json, write_json
 from maskdistill.training import load_checkpoint
 
 SIZE = 64
@@ -139,14 +140,6 @@ def test_predictions_json_structure(trained, tmp_path):
     assert good >= 6
 
 
-def box_iou(a: list[float], b: list[float]) -> float:
-    """IoU of two COCO [x, y, w, h] boxes."""
-    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    inter = max(w, 0.0) * max(h, 0.0)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
 @pytest.mark.numeric
 def test_bf16_predictions_find_the_boxes_of_fp32(trained, tmp_path):
     """Under bf16 only the ResNet-FPN and the heads run in bfloat16; boxes are decoded in float32.
@@ -173,8 +166,10 @@ def test_bf16_predictions_find_the_boxes_of_fp32(trained, tmp_path):
         same_class = [a for a in anns["bf16"]
                       if a["image_id"] == i and a["category_id"] == full["category_id"]]
         assert same_class, f"image {i}: bf16 lost the class of fp32's best box"
-        half = max(same_class, key=lambda a: box_iou(a["bbox"], full["bbox"]))
-        assert box_iou(half["bbox"], full["bbox"]) > 0.5, (full, half)
+        box = annotation_box(full, SIZE, SIZE)
+        overlaps = [box_iou(annotation_box(a, SIZE, SIZE), box) for a in same_class]
+        half = same_class[int(np.argmax(overlaps))]
+        assert max(overlaps) > 0.5, (full, half)
         assert abs(half["score"] - full["score"]) < 0.05
 
 

@@ -117,16 +117,15 @@ def assert_labels_of_one_image_prediction(labels: np.ndarray, model: torch.nn.Mo
     rare (at most 5 % of the pixels; 1.1 % on the 24 x 24 reference model, where one input pixel
     covers several output pixels), or the comparison would mean nothing."""
     expected, logits, _ = predict_logits(model, rgb, CPU, short_side)
-    side = getattr(model, "test_side", None)
     hw = rgb.shape[:2]
-    best_two = logits[0].topk(2, dim=0).values
-    gap = (best_two[0] - best_two[1])[None, None]
-    if side:  # the reference transform: labels at the test side, nearest resize
-        gap = F.interpolate(gap, size=hw, mode="nearest")
-    else:
-        up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)[0].topk(2, dim=0).values
-        gap = (up[0] - up[1])[None, None]
-    decided = (gap[0, 0] > 1e-3 * logits.abs().max()).numpy()
+    if getattr(model, "test_side", None):  # reference transform: labels at the test side, nearest resize
+        best_two = logits[0].topk(2, dim=0).values
+        gap = F.interpolate((best_two[0] - best_two[1])[None, None], size=hw, mode="nearest")[0, 0]
+    else:  # logits upsampled bilinearly, then argmax
+        upsampled = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)[0]
+        best_two = upsampled.topk(2, dim=0).values
+        gap = best_two[0] - best_two[1]
+    decided = (gap > 1e-3 * logits.abs().max()).numpy()
     assert decided.mean() > 0.95
     np.testing.assert_array_equal(labels[decided], expected[decided])
 
